@@ -1,0 +1,1 @@
+"""The ``cabincrew`` command line."""

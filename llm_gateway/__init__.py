@@ -1,0 +1,1 @@
+"""LlmGatewayService: governance in front of agents' LLM calls."""

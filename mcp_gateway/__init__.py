@@ -1,0 +1,1 @@
+"""McpGatewayService: governance in front of agents' MCP tool calls."""
