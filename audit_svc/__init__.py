@@ -1,0 +1,1 @@
+"""AuditService: the tamper-evident, append-only audit log."""
