@@ -1,0 +1,1 @@
+"""Recipes for the default ONNX models; build-time only (scikit-learn, skl2onnx)."""

@@ -1,0 +1,1 @@
+"""PreflightService: deterministic governance with OPA/Rego policies and ONNX classifiers."""
