@@ -1,0 +1,1 @@
+"""ApprovalService: human sign-off bound to the exact plan."""

@@ -1,0 +1,1 @@
+"""Alembic migrations of the approval service's tables (run by ``ApprovalStore.migrate``)."""
