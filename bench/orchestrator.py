@@ -1,0 +1,296 @@
+"""Orchestrator: governance overhead per engine step, and workflows per second.
+
+1. Overhead: one single-step workflow with the shipped noop engine, end to end (submit, then
+   watch until COMPLETED: workspace copy, flight-plan, artifact validation and store,
+   plan-token, preflight, integrity check, take-off, post-execution check, every transition
+   in the log and the audit outbox), minus the time of the same engine run twice directly
+   (flight-plan and take-off with ``run_engine``), measured in the same run and interleaved.
+   p50 and p95 over ``--samples`` workflows, one at a time.
+2. Throughput: workflows/s with the noop engine and ``--workflows`` submissions kept at
+   1, 8 and 32 in flight, all services in one process on SQLite (the embedded mode).
+3. Scale-out (with ``--postgres URL`` or CABINCREW_TEST_POSTGRES_URL): the same with one and
+   with two orchestrator processes on PostgreSQL, the other services in this process;
+   submissions alternate between the replicas. The ratio says what a second replica adds.
+
+Usage: ``python bench/orchestrator.py [--samples 40] [--workflows 200] [--postgres URL]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import sqlalchemy  # noqa: E402
+
+from cabincrew.auth import issue_token  # noqa: E402
+from cabincrew.clients import ChannelOptions, OrchestratorClient, open_channel  # noqa: E402
+from cabincrew.config import Config, load_config  # noqa: E402
+from cabincrew.runtime import create_server  # noqa: E402
+from cabincrew.signing import Ed25519Signer  # noqa: E402
+from cabincrew.v1 import common_pb2, orchestrator_pb2  # noqa: E402
+from orchestrator_svc.runner import Mode, RunLimits, build_engine_input, run_engine  # noqa: E402
+from orchestrator_svc.workflow import EngineSpec  # noqa: E402
+
+NOOP = [sys.executable, "-I", "-S", str(ROOT / "engines" / "noop" / "engine.py")]
+TERMINAL = {
+    common_pb2.WORKFLOW_STATE_COMPLETED,
+    common_pb2.WORKFLOW_STATE_FAILED,
+    common_pb2.WORKFLOW_STATE_CANCELLED,
+}
+DEFINITION = json.dumps(
+    {
+        "id": "bench",
+        "steps": [{"id": "noop", "kind": "engine", "engine": {"command": NOOP}}],
+    }
+)
+SERVICES = ["audit", "preflight", "approval", "orchestrator"]
+LAUNCHER = """
+import asyncio, functools, json, sys
+from cabincrew.config import load_config
+from cabincrew.runtime.server import serve, service_factories
+from orchestrator_svc.server import build
+config = load_config(None, environ={}, overrides=json.loads(sys.argv[1]))
+factories = service_factories()
+factories["orchestrator"] = functools.partial(build, schema=sys.argv[2])
+asyncio.run(serve(config, factories, ready=lambda s: print("listening on", s.port, flush=True)))
+"""
+
+
+def config_for(data: Path, **overrides: Any) -> Config:
+    values: dict[str, Any] = {"data_dir": str(data), "server.addr": "127.0.0.1:0", **overrides}
+    values.setdefault("services", SERVICES)
+    values.setdefault("preflight.load_models", False)
+    return load_config(None, environ={}, overrides=values)
+
+
+def client_for(config: Config, port: int) -> OrchestratorClient:
+    token = issue_token(
+        Ed25519Signer.load_or_create(config.auth_key_path()),
+        "bench",
+        ["operator"],
+        ttl_seconds=3600,
+    )
+    channel = open_channel(ChannelOptions(f"127.0.0.1:{port}", token))
+    return OrchestratorClient(channel, deadline_seconds=60)
+
+
+async def one_workflow(client: OrchestratorClient, source: str) -> float:
+    """Submit and watch to the end; seconds."""
+    started = time.perf_counter()
+    workflow = await client.submit(
+        orchestrator_pb2.SubmitWorkflowRequest(
+            definition=orchestrator_pb2.WorkflowDefinition(text=DEFINITION),
+            workspace_source=source,
+        )
+    )
+    async for update in client.watch(workflow.workflow_id):
+        if update.workflow.state in TERMINAL:
+            if update.workflow.state != common_pb2.WORKFLOW_STATE_COMPLETED:
+                raise SystemExit(f"benchmark workflow failed: {update.workflow.error}")
+            break
+    return time.perf_counter() - started
+
+
+async def direct_engine_runs(root: Path, index: int) -> float:
+    """The same engine, flight-plan then take-off, with the runner alone; seconds."""
+    spec = EngineSpec(tuple(NOOP))
+    workspace = root / "direct" / "ws"
+    workspace.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    for mode in (Mode.FLIGHT_PLAN, Mode.TAKE_OFF):
+        engine_input = build_engine_input(
+            mode=mode,
+            workflow_id="bench",
+            step_id="noop",
+            expected_plan_token="0" * 64 if mode is Mode.TAKE_OFF else None,
+        )
+        run = await run_engine(
+            spec,
+            mode,
+            engine_input,
+            workspace=workspace,
+            artifacts_dir=root / "direct" / f"a{index}",
+            temp_dir=root / "direct" / f"t{index}",
+            log_path=root / "direct-logs" / f"{index}.log",
+            limits=RunLimits(timeout_seconds=60),
+        )
+        if not run.ok:
+            raise SystemExit(f"direct engine run failed: {run.failure}")
+    return time.perf_counter() - started
+
+
+async def throughput(
+    clients: list[OrchestratorClient], source: str, total: int, width: int
+) -> float:
+    """Workflows per second with ``width`` in flight."""
+    queue = iter(range(total))
+
+    async def worker(offset: int) -> None:
+        for index in queue:
+            await one_workflow(clients[(index + offset) % len(clients)], source)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(n) for n in range(width)))
+    return total / (time.perf_counter() - started)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def embedded(root: Path, samples: int, total: int, widths: list[int]) -> None:
+    source = root / "source"
+    source.mkdir()
+    (source / "README.md").write_text("bench\n")
+    config = config_for(root / "data", **{"orchestrator.max_running_workflows": 64})
+    server, port = await create_server(config)
+    await server.start()
+    client = client_for(config, port)
+    try:
+        for _ in range(3):  # warm-up: imports, first connections, caches
+            await one_workflow(client, str(source))
+            await direct_engine_runs(root, 0)
+        overheads, whole, direct = [], [], []
+        for index in range(samples):
+            workflow_seconds = await one_workflow(client, str(source))
+            engine_seconds = await direct_engine_runs(root, index)
+            whole.append(workflow_seconds)
+            direct.append(engine_seconds)
+            overheads.append(workflow_seconds - engine_seconds)
+        print(f"## overhead per engine step (noop engine, {samples} workflows, one at a time)")
+        print(
+            f"workflow end to end p50 {statistics.median(whole) * 1000:.1f} ms; "
+            f"engine run twice directly p50 {statistics.median(direct) * 1000:.1f} ms"
+        )
+        print(
+            f"governance overhead p50 {statistics.median(overheads) * 1000:.1f} ms, "
+            f"p95 {percentile(overheads, 0.95) * 1000:.1f} ms (goal: p50 <= 30 ms)"
+        )
+        print("## throughput, embedded (SQLite), noop engine")
+        for width in widths:
+            rate = await throughput([client], str(source), total, width)
+            print(f"concurrency {width:>2}: {rate:.1f} workflows/s ({total} workflows)")
+    finally:
+        await client.aclose()
+        await server.stop(0)
+
+
+def copy_keys(keys: Path, target: Path) -> None:
+    """What a deployment mounts into every replica: the same signing keys."""
+    target.mkdir(parents=True)
+    for key in keys.iterdir():
+        shutil.copy(key, target / key.name)
+
+
+async def replica(
+    data: Path, keys: Path, url: str, schema: str, address: str, workspaces: Path
+) -> tuple[asyncio.subprocess.Process, int]:
+    await asyncio.to_thread(copy_keys, keys, data / "keys")
+    overrides = {
+        "data_dir": str(data),
+        "services": ["orchestrator"],
+        "server.addr": "127.0.0.1:0",
+        "database.url": url,
+        "orchestrator.workspaces_dir": str(workspaces),
+        "orchestrator.max_running_workflows": 64,
+        "clients.addresses": {"audit": address, "preflight": address, "approval": address},
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        LAUNCHER,
+        json.dumps(overrides),
+        schema,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    assert process.stdout is not None
+    line = await asyncio.wait_for(process.stdout.readline(), 120)
+    return process, int(line.split()[-1])
+
+
+async def scale_out(root: Path, url: str, total: int, width: int) -> None:
+    source = root / "source"
+    config = config_for(
+        root / "shared",
+        services=["audit", "preflight", "approval"],
+        **{"server.addr": "127.0.0.1:0"},
+    )
+    server, port = await create_server(config)
+    await server.start()
+    keys = root / "keys"
+    keys.mkdir()
+    shutil.copy(config.auth_key_path(), keys / "auth.key")
+    Ed25519Signer.load_or_create(keys / "orchestrator.key")
+    print(f"## scale-out on PostgreSQL, noop engine, concurrency {width}")
+    rates = []
+    try:
+        for count in (1, 2):
+            schema = f"bench_orch_{uuid.uuid4().hex[:10]}"
+            processes = []
+            clients = []
+            try:
+                for index in range(count):
+                    process, replica_port = await replica(
+                        root / f"r{count}-{index}",
+                        keys,
+                        url,
+                        schema,
+                        f"127.0.0.1:{port}",
+                        root / f"workspaces-{count}",
+                    )
+                    processes.append(process)
+                    clients.append(client_for(config, replica_port))
+                await one_workflow(clients[0], str(source))
+                rate = await throughput(clients, str(source), total, width)
+                rates.append(rate)
+                print(f"{count} orchestrator process(es): {rate:.1f} workflows/s")
+            finally:
+                for item in clients:
+                    await item.aclose()
+                for process in processes:
+                    process.terminate()
+                    await process.wait()
+                engine = sqlalchemy.create_engine(url)
+                with engine.begin() as conn:
+                    conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+                engine.dispose()
+        print(f"two / one: {rates[1] / rates[0]:.2f}")
+    finally:
+        await server.stop(0)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=40)
+    parser.add_argument("--workflows", type=int, default=200)
+    parser.add_argument("--widths", default="1,8,32")
+    parser.add_argument("--postgres", default=os.environ.get("CABINCREW_TEST_POSTGRES_URL", ""))
+    args = parser.parse_args()
+    widths = [int(w) for w in args.widths.split(",")]
+    with tempfile.TemporaryDirectory(prefix="bench-orch-") as folder:
+        root = Path(folder)
+        print(f"cpus: {os.cpu_count()}; python {sys.version.split()[0]}")
+        await embedded(root, args.samples, args.workflows, widths)
+        if args.postgres:
+            await scale_out(root, args.postgres, args.workflows, max(widths))
+        else:
+            print("## scale-out skipped (no --postgres URL)")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

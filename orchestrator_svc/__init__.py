@@ -1,0 +1,1 @@
+"""OrchestratorService: restart-safe governed workflows."""
