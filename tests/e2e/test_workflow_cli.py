@@ -2,7 +2,6 @@
 
 ``run`` (exit codes), ``workflows list|show|watch|timeline|cancel``, ``approvals`` with a
 second identity from ``auth issue``, ``batch submit|show``, ``plan-token export|verify``.
-The governed parts skip while PreflightService is not wired.
 """
 
 from __future__ import annotations
@@ -116,8 +115,7 @@ async def test_workflows_can_be_run_followed_listed_and_cancelled_from_the_cli(
 
 async def test_governed_examples_end_as_their_policies_say(session: tuple[Up, User]) -> None:
     up, user = session
-    if not await _governance_wired(up):
-        pytest.skip("PreflightService is not wired yet (it answers UNIMPLEMENTED)")
+    assert await _governance_wired(up), "PreflightService answers UNIMPLEMENTED"
     allowed = user("run", str(EXAMPLES / "allow.yaml"), "--wait", "--json")
     assert allowed.returncode == 0, allowed.stderr
     workflow = json.loads(allowed.stdout)["workflow"]

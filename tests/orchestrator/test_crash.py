@@ -4,7 +4,7 @@ Checks: a flight-plan cut off is redone from an empty artifacts dir; a pending a
 survives; a take-off cut off is never re-run without an operator (unless the engine said its
 take-off is idempotent); the workflow ends correctly; and no audit event that the audit
 service had acknowledged before the crash is lost, while every logged transition ends up in
-the audit trail. Skips while PreflightService is not wired.
+the audit trail.
 """
 
 from __future__ import annotations
@@ -132,12 +132,8 @@ async def up(tmp_path: Path) -> AsyncIterator[Up]:
     await server.start()
     try:
         async with server.channel("probe", ("service",)) as channel:
-            try:
-                await PreflightClient(channel, deadline_seconds=10).get_governance()
-            except RPCError as exc:
-                if exc.status is grpc.StatusCode.UNIMPLEMENTED:
-                    pytest.skip("PreflightService is not wired yet (it answers UNIMPLEMENTED)")
-                raise
+            # Governance must answer: the crash matrix needs real preflight decisions.
+            await PreflightClient(channel, deadline_seconds=10).get_governance()
         yield server
     finally:
         await server.stop()

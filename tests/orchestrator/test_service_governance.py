@@ -2,7 +2,7 @@
 
 The decisions come from the default policies: editing README.md is allowed, a large change
 warns, a CI configuration file or the production environment needs approval, an environment
-file is denied. These tests skip while PreflightService is not wired (UNIMPLEMENTED).
+file is denied.
 """
 
 from __future__ import annotations
@@ -270,8 +270,7 @@ async def test_a_stored_artifact_changed_during_a_restart_fails_the_step_on_reco
 ) -> None:
     env = await start_orchestra(tmp_path)
     try:
-        if not await env.governance_wired():
-            pytest.skip("PreflightService is not wired yet (it answers UNIMPLEMENTED)")
+        assert await env.governance_wired(), "PreflightService answers UNIMPLEMENTED"
         workflow = await env.submit(definition([patch_step([CI])]))
         await env.until(workflow.workflow_id, lambda w: w.state == AWAITING)
     finally:

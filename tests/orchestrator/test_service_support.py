@@ -317,9 +317,8 @@ async def orchestra(tmp_path: Path) -> AsyncIterator[Orchestra]:
 
 @pytest.fixture
 async def governed(orchestra: Orchestra) -> Orchestra:
-    """The running server, once PreflightService is known to answer (else the test skips)."""
-    if not await orchestra.governance_wired():
-        pytest.skip("PreflightService is not wired yet (it answers UNIMPLEMENTED)")
+    """The running server, once PreflightService is known to answer."""
+    assert await orchestra.governance_wired(), "PreflightService answers UNIMPLEMENTED"
     return orchestra
 
 
