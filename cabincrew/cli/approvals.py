@@ -120,7 +120,11 @@ def list_approvals(
     table.add_column("for", overflow="fold")
     table.add_column("expires")
     if wide:
-        table.add_column("reason", overflow="ellipsis", no_wrap=True, ratio=1)
+        # A ratio here would let rich squeeze the other columns to nothing; the reason
+        # takes what the fixed columns leave, and is cut with an ellipsis.
+        table.add_column(
+            "reason", overflow="ellipsis", no_wrap=True, max_width=max(24, console.width - 100)
+        )
     now = datetime.now(UTC)
     for approval in found:
         row = [
