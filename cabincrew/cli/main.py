@@ -139,10 +139,16 @@ def status(
     addr: str = AddrOption,
     json_out: bool = JsonOption,
     timeout: float = typer.Option(5.0, "--timeout", help="Seconds to wait for an answer."),
+    only: list[str] = typer.Option(
+        None, "--service", help="Only this service (repeatable); for one-service processes."
+    ),
 ) -> None:
     """Show each service's health."""
+    unknown = sorted(set(only or ()) - set(GRPC_NAMES))
+    if unknown:
+        raise fail(f"unknown service {unknown[0]!r}; choose from {', '.join(GRPC_NAMES)}", 2)
     target = resolve_target(addr)
-    rows = _health(target.address, target.token, timeout)
+    rows = _health(target.address, target.token, timeout, tuple(only or GRPC_NAMES))
     if json_out:
         print_json({"address": target.address, "services": rows})
     else:
@@ -159,11 +165,14 @@ def status(
 
 
 @run
-async def _health(address: str, token: str, timeout: float) -> list[dict[str, str]]:
+async def _health(
+    address: str, token: str, timeout: float, services: tuple[str, ...]
+) -> list[dict[str, str]]:
     client = HealthClient(channel(Target(address, token)), deadline_seconds=timeout, max_attempts=1)
     rows = []
     try:
-        for short, full in GRPC_NAMES.items():
+        for short in services:
+            full = GRPC_NAMES[short]
             try:
                 state = await client.check(full)
             except RPCError as exc:
