@@ -134,14 +134,17 @@ def run_single_service(name: str) -> None:
     main()
 
 
+ServiceOption = typer.Option(
+    None, "--service", help="Only this service (repeatable); for one-service processes."
+)
+
+
 @app.command()
 def status(
     addr: str = AddrOption,
     json_out: bool = JsonOption,
     timeout: float = typer.Option(5.0, "--timeout", help="Seconds to wait for an answer."),
-    only: list[str] = typer.Option(
-        None, "--service", help="Only this service (repeatable); for one-service processes."
-    ),
+    only: list[str] = ServiceOption,
 ) -> None:
     """Show each service's health."""
     unknown = sorted(set(only or ()) - set(GRPC_NAMES))
