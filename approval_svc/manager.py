@@ -380,6 +380,10 @@ class ApprovalManager:
                 await self._audit_refusal(operation, principal, approval_id, offered_hash, exc)
             raise
 
+    async def unauthenticated(self, operation: str, detail: str) -> None:
+        """A call the runtime refused before it got here: no or a bad token."""
+        await self.audit.refused(operation, "", None, "", "unauthenticated", detail)
+
     async def _audit_refusal(
         self,
         operation: str,

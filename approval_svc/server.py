@@ -74,4 +74,5 @@ async def build(
         on_start=manager.start,
         on_close=manager.aclose,
         serving=manager.serving,
+        on_unauthenticated=manager.unauthenticated,
     )

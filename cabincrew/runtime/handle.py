@@ -21,6 +21,7 @@ class GrpcServiceHandle:
         on_start: Callable[[], Awaitable[None]] | None = None,
         on_close: Callable[[], Awaitable[None]] | None = None,
         serving: Callable[[], bool] | None = None,
+        on_unauthenticated: Callable[[str, str], Awaitable[None]] | None = None,
     ) -> None:
         self.name = name
         self.grpc_service_name = grpc_service_name
@@ -29,6 +30,8 @@ class GrpcServiceHandle:
         self._on_start = on_start
         self._on_close = on_close
         self._serving = serving
+        # Records a call the runtime refused before it reached the servicer (method, why).
+        self.on_unauthenticated = on_unauthenticated
         self._closed = False
 
     def add_to_server(self, server: grpc.aio.Server) -> None:

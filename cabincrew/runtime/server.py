@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -75,11 +76,53 @@ class _Authenticator:
         raise Unauthenticated("this call needs a bearer token (set CABINCREW_TOKEN)")
 
 
+RefusalHook = Callable[[str, str], Awaitable[None]]
+
+
+class _RefusalRecorder:
+    """Hands calls refused for want of credentials to the hosting service's hook, so that
+    they reach the audit log; a token bucket bounds what a flood of such calls can cost
+    (each record is an fsync), and what it drops is counted in the log."""
+
+    def __init__(self, rate_per_second: float = 5.0, burst: float = 20.0) -> None:
+        self.hooks: dict[str, RefusalHook] = {}  # "/cabincrew.v1.Service/" -> hook
+        self._rate = rate_per_second
+        self._burst = burst
+        self._tokens = burst
+        self._last = time.monotonic()
+        self.dropped = 0
+
+    def _take(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
+        self._last = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+    async def record(self, method: str, detail: str) -> None:
+        hook = self.hooks.get(method[: method.rfind("/") + 1])
+        if hook is None:
+            return
+        if not self._take():
+            self.dropped += 1
+            if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
+                log.warning("%d unauthenticated calls not audited (rate limit)", self.dropped)
+            return
+        try:
+            await hook(method.rsplit("/", 1)[-1], detail)
+        except Exception:
+            # The call is refused either way; a lost record of it is logged.
+            log.exception("could not audit an unauthenticated call to %s", method)
+
+
 class _CallInterceptor(grpc.aio.ServerInterceptor):
     """Sets request id and principal context for every CabinCrew RPC."""
 
-    def __init__(self, authenticator: _Authenticator) -> None:
+    def __init__(self, authenticator: _Authenticator, refusals: _RefusalRecorder) -> None:
         self._auth = authenticator
+        self._refusals = refusals
 
     async def intercept_service(
         self,
@@ -89,10 +132,12 @@ class _CallInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or not details.method.startswith(_PROTECTED_PREFIX):
             return handler
-        return _wrap_handler(handler, self._auth, details.method)
+        return _wrap_handler(handler, self._auth, details.method, self._refusals)
 
 
-def _wrap_handler(handler: Any, auth: _Authenticator, method: str) -> Any:
+def _wrap_handler(
+    handler: Any, auth: _Authenticator, method: str, refusals: _RefusalRecorder
+) -> Any:
     async def enter(context: grpc.aio.ServicerContext[Any, Any]) -> None:
         metadata = dict(context.invocation_metadata() or ())
         rid = metadata.get("x-request-id") or uuid.uuid4().hex
@@ -101,6 +146,7 @@ def _wrap_handler(handler: Any, auth: _Authenticator, method: str) -> Any:
             _principal.set(auth.principal(context))
         except CabinCrewError as exc:
             log.info("unauthenticated call to %s (request %s)", method, rid)
+            await refusals.record(method, exc.message)
             await context.abort_with_status(to_status(exc))
 
     if handler.unary_unary:
@@ -243,7 +289,10 @@ async def create_server(
         ("grpc.max_send_message_length", config.server.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
-    server = grpc.aio.server(interceptors=[_CallInterceptor(authenticator)], options=options)
+    refusals = _RefusalRecorder()
+    server = grpc.aio.server(
+        interceptors=[_CallInterceptor(authenticator, refusals)], options=options
+    )
     port = _bind(server, config)
     context = ServiceContext(config=config, port=port)
     factories = factories or service_factories()
@@ -260,6 +309,9 @@ async def create_server(
     for handle in handles:
         handle.add_to_server(server)
         await health_servicer.set(handle.grpc_service_name, _status(False))
+        hook = getattr(handle, "on_unauthenticated", None)
+        if hook is not None:
+            refusals.hooks[f"/{handle.grpc_service_name}/"] = hook
     await health_servicer.set("", _status(False))
     names = [h.grpc_service_name for h in handles]
     reflection.enable_server_reflection(

@@ -7,8 +7,10 @@ audit event that names it.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -17,10 +19,18 @@ from google.protobuf import duration_pb2
 
 from approval_svc import wire
 from approval_svc.records import verify_approval, verify_record
-from cabincrew.clients import RPCError
+from cabincrew.clients import ApprovalClient, RPCError
 from cabincrew.convert import validate_protocol
 from cabincrew.v1 import approval_pb2, common_pb2
-from tests.approval.conftest import START, ApprovalEnv, StartServer, create_request, subject
+from tests.approval.conftest import (
+    START,
+    ApprovalEnv,
+    StartServer,
+    client_channel,
+    create_request,
+    subject,
+)
+from tests.conftest import make_config, token_for
 
 T = TypeVar("T")
 
@@ -157,14 +167,30 @@ async def test_a_requester_named_by_a_service_cannot_approve_either(env: Approva
     assert env.audit.refusals("self_approval")
 
 
-async def test_calls_without_credentials_are_unauthenticated(env: ApprovalEnv) -> None:
+async def test_calls_without_credentials_are_unauthenticated_and_audited(
+    env: ApprovalEnv, tmp_path: Path
+) -> None:
     approval = await create(env)
     anonymous = env.client(None)
+    # Signed by a key the service does not trust.
+    stranger = token_for(make_config(tmp_path / "elsewhere"), "mallory", ["approver"])
+    forged = ApprovalClient(client_channel(env.port, stranger), deadline_seconds=10, max_attempts=1)
+    try:
+        await refused(
+            anonymous.respond(approval.approval_id, approval.subject_hash, True),
+            grpc.StatusCode.UNAUTHENTICATED,
+        )
+        await refused(
+            forged.respond(approval.approval_id, approval.subject_hash, True),
+            grpc.StatusCode.UNAUTHENTICATED,
+        )
+    finally:
+        await forged.aclose()
 
-    await refused(
-        anonymous.respond(approval.approval_id, approval.subject_hash, True),
-        grpc.StatusCode.UNAUTHENTICATED,
-    )
+    events = env.audit.refusals("unauthenticated")
+    assert [e["message"].split(" ")[0] for e in events] == ["RespondApproval"] * 2
+    assert all(e["approval"]["approver"] == "" for e in events)
+    assert stranger not in json.dumps(events)
 
 
 async def test_anonymous_callers_are_refused_and_audited_where_the_server_admits_them(

@@ -189,3 +189,21 @@ async def test_the_typed_client_wraps_wire_errors_once(data_dir: Path) -> None:
         await app.stop(0)
     assert info.value.status == grpc.StatusCode.INVALID_ARGUMENT
     assert [(v.field, v.description) for v in info.value.violations] == [("x.y", "required")]
+
+
+async def test_a_flood_of_unauthenticated_calls_is_audited_up_to_a_bound() -> None:
+    from cabincrew.runtime.server import _RefusalRecorder
+
+    recorded: list[tuple[str, str]] = []
+
+    async def hook(operation: str, detail: str) -> None:
+        recorded.append((operation, detail))
+
+    refusals = _RefusalRecorder(rate_per_second=0.0, burst=2)
+    refusals.hooks["/cabincrew.v1.ApprovalService/"] = hook
+    for _ in range(5):
+        await refusals.record("/cabincrew.v1.ApprovalService/GetApproval", "no token")
+    await refusals.record("/cabincrew.v1.AuditService/Append", "no token")  # no hook there
+
+    assert recorded == [("GetApproval", "no token")] * 2
+    assert refusals.dropped == 3
