@@ -495,16 +495,36 @@ def models_build(
     only: list[str] = typer.Option(  # noqa: B008
         None, "--only", help="Build only this model (repeatable)."
     ),
+    json_out: bool = JsonOption,
 ) -> None:
     """Build the default models reproducibly (needs the dev extras and the network once)."""
     if not (REPO_ROOT / "models" / "build.py").is_file():
         raise fail("the model build scripts (models/) are only in a source checkout")
-    command = [sys.executable, "-m", "models.build", "--out", str(Path(out).resolve())]
+    target = Path(out).resolve()
+    command = [sys.executable, "-m", "models.build", "--out", str(target)]
     for name in only or ():
         command += ["--only", name]
-    result = subprocess.run(command, cwd=REPO_ROOT, check=False)
+    # With --json the build's progress goes to stderr, so stdout is the JSON alone.
+    result = subprocess.run(
+        command, cwd=REPO_ROOT, check=False, stdout=sys.stderr if json_out else None
+    )
     if result.returncode != 0:
         raise typer.Exit(result.returncode)
+    if json_out:
+        built = []
+        for manifest in sorted(target.glob("*/manifest.json")):
+            document = json.loads(manifest.read_text(encoding="utf-8"))
+            if only and document.get("name") not in only:
+                continue
+            built.append(
+                {
+                    "name": document.get("name"),
+                    "version": document.get("version"),
+                    "sha256": document.get("sha256"),
+                    "dir": str(manifest.parent),
+                }
+            )
+        print_json({"out": str(target), "models": built})
 
 
 @models_app.command("list")
