@@ -208,7 +208,8 @@ def load_config(
         try:
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+            problem = _yaml_problem(exc)
+            raise ConfigError(f"config file {path} is not valid YAML: {problem}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -220,6 +221,15 @@ def load_config(
         _set_path(raw, dotted.split("."), value)
     config: Config = _build(Config, raw, "")
     return config
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """What and where, without the quoted line: a config file can hold secrets."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or "syntax error"
+    if mark is None:
+        return str(problem)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[tuple[str, ...], Any]:

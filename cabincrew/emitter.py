@@ -545,11 +545,15 @@ class OutboxEmitter:
         for candidate in grpc.StatusCode:
             if candidate.value[0] == error.code:
                 code = candidate
+        from cabincrew.redaction import redact_text
+
+        # An id is caller-chosen text: the service may have refused it for looking like a
+        # secret, so the log gets it redacted like any other string.
         log.error(
             "the audit service refused event %s (%s: %s); moved to the outbox's dead_letter table",
-            event_id,
+            redact_text(event_id)[0],
             code.name,
-            error.message,
+            redact_text(str(error.message))[0],
         )
         await self._db(self._outbox.dead_letter, position, int(error.code), str(error.message))
         if await self._db(self._outbox.count) == 0:

@@ -55,3 +55,13 @@ def test_config_is_frozen() -> None:
     config = load_config(None, environ={})
     with pytest.raises(AttributeError):
         config.data_dir = "x"  # type: ignore[misc]
+
+
+def test_an_invalid_config_file_is_named_without_quoting_its_content(tmp_path: Path) -> None:
+    canary = "canary-db-password-7f3a9c"
+    path = tmp_path / "config.yaml"
+    path.write_text(f"database:\n  url: postgresql://app:{canary}@db/x\n  : [unclosed\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(path), environ={})
+    assert "line 3" in caught.value.message
+    assert canary not in str(caught.value) and canary not in repr(caught.value.violations)
