@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -10,12 +11,23 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+import cabincrew
 from tests.conftest import BIN, free_port
 
 CABINCREW = str(BIN / "cabincrew")
 SIX = {"audit", "preflight", "approval", "orchestrator", "mcp_gateway", "llm_gateway"}
+GRPC_SERVICES = (
+    "AuditService",
+    "PreflightService",
+    "ApprovalService",
+    "OrchestratorService",
+    "McpGatewayService",
+    "LlmGatewayService",
+)
 
 
 def wait_serving(
@@ -72,16 +84,43 @@ def test_up_serves_all_six_services(
     assert all(r["status"] == "SERVING" for r in rows)
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_sigterm_stops_the_server_cleanly(
-    running: tuple[subprocess.Popen[bytes], dict[str, str], Path],
+    running: tuple[subprocess.Popen[bytes], dict[str, str], Path], signum: signal.Signals
 ) -> None:
     proc, env, _ = running
     wait_serving(env, proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     assert proc.wait(timeout=30) == 0
     log = (Path(env["CABINCREW_DATA_DIR"]).parent / "up.log").read_text()
     assert "Traceback" not in log
     assert "stopped" in log
+
+
+def test_reflection_of_a_running_up_lists_all_six_services(
+    running: tuple[subprocess.Popen[bytes], dict[str, str], Path],
+) -> None:
+    proc, env, _ = running
+    wait_serving(env, proc)
+
+    async def listed() -> set[str]:
+        async with grpc.aio.insecure_channel(env["CABINCREW_ADDR"]) as channel:
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            request = reflection_pb2.ServerReflectionRequest(list_services="")
+            async for response in stub.ServerReflectionInfo(iter([request]), timeout=10):
+                return {s.name for s in response.list_services_response.service}
+        return set()
+
+    names = asyncio.run(listed())
+    assert {f"cabincrew.v1.{n}" for n in GRPC_SERVICES} <= names
+
+
+def test_version_names_the_product_and_the_protocol() -> None:
+    result = subprocess.run([CABINCREW, "version", "--json"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert shown["cabincrew"] == cabincrew.__version__
+    assert shown["protocol"] == "1"
 
 
 def test_up_writes_nothing_outside_its_data_dir(

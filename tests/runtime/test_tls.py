@@ -17,7 +17,7 @@ from cabincrew.runtime.context import current_principal
 from cabincrew.runtime.handle import GrpcServiceHandle
 from cabincrew.runtime.server import create_server
 from cabincrew.v1 import audit_pb2, audit_pb2_grpc
-from tests.conftest import make_config
+from tests.conftest import make_config, token_for
 
 
 def _cert(
@@ -125,5 +125,49 @@ async def test_an_mtls_client_certificate_becomes_a_principal_with_mapped_roles(
             await anonymous.aclose()
         # The handshake itself fails without a client certificate.
         assert info.value.status in {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED}
+    finally:
+        await app.stop(0)
+
+
+async def test_server_tls_carries_bearer_tokens_and_refuses_plaintext(tmp_path: Path) -> None:
+    ca_key, ca_name = _cert("ca", None, None, True, tmp_path)
+    _cert("localhost", ca_key, ca_name, False, tmp_path)
+    config = make_config(
+        tmp_path / "data",
+        services=("audit",),
+        **{
+            "server.addr": "localhost:0",
+            "server.tls": {
+                "cert_file": str(tmp_path / "localhost.crt"),
+                "key_file": str(tmp_path / "localhost.key"),
+            },
+        },
+    )
+    app, port = await create_server(config, {"audit": _build})  # type: ignore[dict-item]
+    await app.start()
+    token = token_for(config, "alice", ["auditor"])
+    try:
+        over_tls = AuditClient(
+            open_channel(
+                ChannelOptions(
+                    address=f"localhost:{port}", token=token, tls_ca_file=str(tmp_path / "ca.crt")
+                )
+            )
+        )
+        try:
+            response = await over_tls.verify_log(timeout=10)
+        finally:
+            await over_tls.aclose()
+        assert response.reason == "alice|auditor"
+
+        plaintext = AuditClient(
+            open_channel(ChannelOptions(address=f"localhost:{port}", token=token)), max_attempts=1
+        )
+        try:
+            with pytest.raises(RPCError) as info:
+                await plaintext.verify_log(timeout=5)
+        finally:
+            await plaintext.aclose()
+        assert info.value.status is grpc.StatusCode.UNAVAILABLE
     finally:
         await app.stop(0)
