@@ -226,3 +226,42 @@ async def test_append_sends_a_file_in_batches_or_one_by_one_to_a_service_without
     assert 1 < max(fake.request_sizes) <= 256
     if not batches:
         assert fake.singly_after_the_first_refused_batch()
+
+
+async def test_export_ranges_prove_at_a_tree_size_and_online_verify_names_a_tampered_entry(
+    sqlite_audit: AuditServer, tmp_path: Path
+) -> None:
+    from audit_svc.merkle import verify_inclusion
+    from tests.audit.test_integrity import _tamper
+
+    port, data_dir = sqlite_audit.port, sqlite_audit.config.data_path
+    source = tmp_path / "events.jsonl"
+    _write_events(source, 10)
+    code, _, err = await run_cli("audit", "append", str(source), port=port, data_dir=data_dir)
+    assert code == 0, err
+
+    part = tmp_path / "part.jsonl"
+    code, _, err = await run_cli(
+        "audit", "export", "--out", str(part), "--from", "3", "--to", "7",
+        port=port, data_dir=data_dir,
+    )  # fmt: skip
+    assert code == 0, err
+    assert [line["sequence"] for line in _json_lines(part.read_text())] == [3, 4, 5, 6]
+
+    code, out, err = await run_cli(
+        "audit", "prove", "2", "--tree-size", "5", "--json", port=port, data_dir=data_dir
+    )
+    assert code == 0, err
+    proof = json.loads(out)
+    assert proof["tree_size"] == 5 and proof["verified"]
+    hashes = [bytes.fromhex(h) for h in proof["hashes"]]
+    root = bytes.fromhex(proof["root_hash"])
+    assert verify_inclusion(bytes.fromhex(proof["leaf_hash"]), 2, 5, hashes, root)
+    assert not verify_inclusion(bytes.fromhex(proof["leaf_hash"]), 3, 5, hashes, root)
+
+    code, out, _ = await run_cli("audit", "verify", port=port, data_dir=data_dir)
+    assert code == 0 and out.startswith("ok: 10 entries")
+    _tamper(sqlite_audit, "UPDATE {table} SET event = replace(event, 'cli-6', 'cli-X')")
+    code, out, err = await run_cli("audit", "verify", "--json", port=port, data_dir=data_dir)
+    assert code == 1
+    assert json.loads(out)["first_bad_sequence"] == 6

@@ -524,3 +524,26 @@ async def test_a_slow_tail_consumer_still_gets_every_event_in_order(
     await asyncio.wait_for(rest(), WAIT)
     await stream.aclose()  # type: ignore[attr-defined]
     assert seen == list(range(1500))
+
+
+async def test_concurrent_appends_are_group_committed_gap_free(audit: AuditServer) -> None:
+    # Rows written by one transaction share its received time: fewer distinct times than
+    # events means several concurrent appends were committed together.
+    count = 200
+    acks = await asyncio.gather(
+        *(audit.client.append(event(i, prefix="group")) for i in range(count))
+    )
+    assert sorted(ack.sequence for ack in acks) == list(range(count))
+    url = audit.store_url()
+    table = "audit.audit_events" if url.startswith("postgresql") else "audit_events"
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as connection:
+            rows = connection.execute(
+                sa.text(f"SELECT sequence, received_at_us FROM {table} ORDER BY sequence")
+            ).all()
+    finally:
+        engine.dispose()
+    assert [row[0] for row in rows] == list(range(count))
+    transactions = len({row[1] for row in rows})
+    assert transactions < count
