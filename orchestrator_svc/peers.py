@@ -22,6 +22,7 @@ from cabincrew.auth import issue_token
 from cabincrew.clients import ApprovalClient, PreflightClient, RPCError
 from cabincrew.config import Config
 from cabincrew.convert import from_protocol, to_protocol
+from cabincrew.errors import CabinCrewError
 from cabincrew.signing import Ed25519Signer
 from cabincrew.v1 import approval_pb2, common_pb2, preflight_pb2
 from orchestrator_svc.model import thaw
@@ -231,6 +232,8 @@ class ApprovalPeer:
     def __init__(self, channel: grpc.aio.Channel, deadline: float) -> None:
         self._client = ApprovalClient(channel, deadline_seconds=deadline)
         self._closed = asyncio.Event()
+        # The records' verification key, fetched once and then pinned for this process.
+        self._record_key: bytes | None = None
 
     async def create(self, request: ApprovalRequest) -> str:
         """CreateApproval (idempotent by request id)."""
@@ -280,15 +283,27 @@ class ApprovalPeer:
             backoff = min(backoff * 2, 5.0)
 
     async def consume(self, approval_id: str, subject_hash: str, request_id: str) -> None:
-        """ConsumeApproval (idempotent by request id)."""
+        """ConsumeApproval (idempotent by request id), then check the signed decision
+        records it returns: a consume that succeeds without records that justify it (a
+        forged or altered record, another subject) is refused like a failed consume."""
         try:
-            await self._client.consume(approval_id, subject_hash, request_id=request_id[:128])
+            approval = await self._client.consume(
+                approval_id, subject_hash, request_id=request_id[:128]
+            )
+            if self._record_key is None:
+                self._record_key = bytes((await self._client.signing_key()).public_key)
         except RPCError as exc:
             if exc.status in _TRANSIENT:
                 raise PeerUnavailable(f"approval is unavailable ({exc.status.name})") from None
             raise PeerRefused(
                 f"approval {approval_id} cannot be used: {exc}", exc.status.name
             ) from None
+        problems = _record_problems(approval, subject_hash, self._record_key)
+        if problems:
+            raise PeerRefused(
+                f"approval {approval_id} records do not verify: {'; '.join(problems[:3])}",
+                "FAILED_PRECONDITION",
+            )
 
     async def cancel(self, approval_id: str, reason: str) -> None:
         """CancelApproval, best effort."""
@@ -339,3 +354,19 @@ def _struct(value: Any) -> struct_pb2.Struct:
 
 
 __all__ = ["SERVICE_PRINCIPAL", "ApprovalPeer", "PreflightPeer", "ServiceToken", "service_channel"]
+
+
+def _record_problems(approval: approval_pb2.Approval, subject_hash: str, key: bytes) -> list[str]:
+    """Why the consumed approval's signed records do not justify acting on ``subject_hash``."""
+    from approval_svc.records import verify_approval
+    from approval_svc.wire import approval_from_proto
+
+    if approval.subject_hash != subject_hash:
+        return ["the approval is bound to another subject hash"]
+    if approval.state != approval_pb2.APPROVAL_STATE_CONSUMED:
+        return ["the approval is not consumed after a successful consume"]
+    try:
+        domain = approval_from_proto(approval)
+    except CabinCrewError as exc:
+        return [exc.message]
+    return verify_approval(domain, key)
