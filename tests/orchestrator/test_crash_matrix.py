@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from cabincrew.clients import ApprovalClient, AuditClient, OrchestratorClient, RPCError
+from cabincrew.config import ConfigError
 from cabincrew.v1 import audit_pb2, common_pb2, orchestrator_pb2
 from tests.conftest import free_port
 from tests.orchestrator.conftest import PRELUDE
@@ -37,6 +38,7 @@ from tests.orchestrator.test_service_support import (
     definition,
     make_source,
     script,
+    start_orchestra,
     step_of,
 )
 
@@ -208,3 +210,9 @@ async def test_a_crash_right_after_each_state_is_logged_ends_correctly(
         await all_transitions_audited(up, workflow_id, ours)
     finally:
         await up.stop()
+
+
+async def test_an_unknown_crash_state_refuses_to_start(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        env = await start_orchestra(tmp_path, **{"orchestrator.unsafe_crash_after_state": "NOPE"})
+        await env.close()
