@@ -144,6 +144,10 @@ class OrchestratorConfig:
     max_running_workflows: int = 32
     lease_seconds: float = 15.0
     workspaces_dir: str = ""
+    # For crash tests only: the process SIGKILLs itself right after the first log entry that
+    # reaches this state (a step State name, e.g. "TAKEOFF_RUNNING") is durably written. Never
+    # set it in production; a non-empty value is logged loudly at start.
+    unsafe_crash_after_state: str = ""
 
 
 @dataclass(frozen=True)

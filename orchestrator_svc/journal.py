@@ -13,13 +13,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from cabincrew.emitter import AuditEmitter
 from orchestrator_svc.events import AuditSpec, events_for
-from orchestrator_svc.model import Entry, WorkflowRecord, apply
+from orchestrator_svc.model import Entry, State, WorkflowRecord, apply
 from orchestrator_svc.store import Materialised, NewEntry
 
 log = logging.getLogger("orchestrator_svc.journal")
@@ -155,6 +157,8 @@ class Journal:
         owner: str,
         on_change: Callable[[WorkflowRecord], None],
         clock: Callable[[], int] = now_us,
+        *,
+        unsafe_crash_after_state: State | None = None,
     ) -> None:
         self.record = record
         self._log = log_port
@@ -163,6 +167,7 @@ class Journal:
         self._on_change = on_change
         self._clock = clock
         self._lock = asyncio.Lock()
+        self._unsafe_crash_after = unsafe_crash_after_state
 
     @property
     def workflow_id(self) -> str:
@@ -192,6 +197,10 @@ class Journal:
                 changed_steps: list[str] | None = None
             else:
                 changed_steps = [step_id] if step_id else []
+            # Entries without a state of their own (workspace_created) count as the workflow's.
+            crash = self._unsafe_crash_after is not None and (
+                (candidate.state or updated.state) is self._unsafe_crash_after
+            )
             append = asyncio.ensure_future(
                 self._log.append(
                     record.workflow_id,
@@ -199,7 +208,7 @@ class Journal:
                     record.position,
                     [NewEntry(entry_type, candidate.data, stamp)],
                     materialise(updated, changed_steps),
-                    durable=durable,
+                    durable=durable or crash,
                     now_us=stamp,
                     plan_token=(step_id, plan_token[0], plan_token[1]) if plan_token else None,
                     audited_position=self._trail.audited(record.workflow_id),
@@ -218,6 +227,8 @@ class Journal:
                 except Exception:
                     break
             stored = append.result()
+            if crash:
+                _unsafe_crash(stored[0])
             self.record = updated
             entry = stored[0]
             self._trail.submit(entry, updated.state.value)
@@ -229,6 +240,19 @@ class Journal:
     async def flush_audit(self) -> None:
         """The barrier before governed actions: every event so far is in the outbox."""
         await self._trail.flush(self.workflow_id)
+
+
+def _unsafe_crash(entry: Entry) -> None:
+    """Die like a power cut right after ``entry`` is durable (orchestrator crash tests only)."""
+    log.critical(
+        "orchestrator.unsafe_crash_after_state: SIGKILL after entry %d (%s) of workflow %s",
+        entry.position,
+        entry.entry_type,
+        entry.workflow_id,
+    )
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 __all__ = ["AuditTrail", "Journal", "Log", "materialise", "now_us"]

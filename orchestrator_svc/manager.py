@@ -90,6 +90,8 @@ class ManagerSettings:
     # The embedded mode: one process per data dir, so a restart takes every lease at once.
     exclusive: bool = True
     lock_file: Path | None = None
+    # Crash tests only (orchestrator.unsafe_crash_after_state): see Journal.
+    unsafe_crash_after_state: State | None = None
 
 
 @dataclass(frozen=True)
@@ -440,6 +442,7 @@ class OrchestratorManager:
             self.settings.owner,
             lambda updated: self.feed.publish(updated.workflow_id),
             self._clock,
+            unsafe_crash_after_state=self.settings.unsafe_crash_after_state,
         )
 
     def _launch(self, journal: Journal, workflow: Workflow | None = None) -> None:

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 from cabincrew.clients import AuditClient
+from cabincrew.config import ConfigError
 from cabincrew.emitter import AuditEmitter
+from cabincrew.errors import Violation
 from cabincrew.runtime.context import ServiceContext, ServiceHandle
 from cabincrew.runtime.handle import GrpcServiceHandle
 from cabincrew.v1 import audit_pb2, orchestrator_pb2_grpc
 from orchestrator_svc.artifacts import ArtifactLimits, ArtifactStore
 from orchestrator_svc.manager import ManagerSettings, OrchestratorManager, owner_id
+from orchestrator_svc.model import State
 from orchestrator_svc.peers import ApprovalPeer, PreflightPeer, ServiceToken, service_channel
 from orchestrator_svc.scheduler import EngineContext, Settings
 from orchestrator_svc.service import OrchestratorServiceServicer
@@ -21,11 +25,33 @@ from orchestrator_svc.store import WorkflowStore
 
 GRPC_SERVICE_NAME = "cabincrew.v1.OrchestratorService"
 
+log = logging.getLogger("orchestrator_svc.server")
+
 
 def _environment_secret(name: str) -> str | None:
     # Secrets mapped to steps are read from this process's environment when a step runs,
     # so they can be rotated without a restart and are never stored.
     return os.environ.get(name)
+
+
+def _unsafe_crash_after_state(name: str) -> State | None:
+    """Validate the crash-test hook; when set, say so loudly: it kills this process."""
+    if not name:
+        return None
+    try:
+        state = State(name)
+    except ValueError:
+        where = "orchestrator.unsafe_crash_after_state"
+        raise ConfigError(
+            f"{where}: not a state name",
+            [Violation(where, "one of " + ", ".join(s.value for s in State))],
+        ) from None
+    log.warning(
+        "UNSAFE: orchestrator.unsafe_crash_after_state=%s: this process will SIGKILL itself "
+        "once a workflow reaches that state. For crash tests only; never in production.",
+        state.value,
+    )
+    return state
 
 
 async def build(
@@ -45,6 +71,7 @@ async def build(
     """
     config = context.config
     settings = config.orchestrator
+    crash_after = _unsafe_crash_after_state(settings.unsafe_crash_after_state)
     service_dir = context.service_dir("orchestrator")
     store = WorkflowStore(config.database_url("orchestrator"), schema=schema)
     try:
@@ -115,6 +142,7 @@ async def build(
             max_running=settings.max_running_workflows,
             exclusive=sqlite,
             lock_file=service_dir / "orchestrator.lock" if sqlite else None,
+            unsafe_crash_after_state=crash_after,
         ),
         audit_ids=audit_ids,
     )

@@ -177,7 +177,7 @@ class RetryPolicy:
 
 @dataclass(frozen=True)
 class PostChecks:
-    """Checks after flight-plan: preflight governance, and whether artifacts are required."""
+    """Checks after take-off: preflight on its artifacts, and whether it must produce any."""
 
     preflight: bool = True
     require_artifacts: bool = False

