@@ -216,3 +216,80 @@ async def test_an_unknown_crash_state_refuses_to_start(tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
         env = await start_orchestra(tmp_path, **{"orchestrator.unsafe_crash_after_state": "NOPE"})
         await env.close()
+
+
+@pytest.mark.parametrize("what", ["stored artifact", "workspace"])
+async def test_tampering_between_approval_and_take_off_fails_the_workflow_on_recovery(
+    root: Path, what: str
+) -> None:
+    # The orchestrator stops right after the approval is logged, so that the window between
+    # approval and take-off is held open; the tampering happens while it is down.
+    gate = root / "gate"
+    port = free_port()
+    crashing = Up(
+        root, port, extra_env={"CABINCREW__ORCHESTRATOR__UNSAFE_CRASH_AFTER_STATE": "APPROVED"}
+    )
+    step = {
+        "id": "step",
+        "kind": "engine",
+        "engine": {"command": script(root / "engines", RECORDING_ENGINE, "gate.py", False)},
+        "config": {
+            "gate_dir": str(gate),
+            "block": "none",
+            "path": ".github/workflows/deploy.yml",
+            "content": "applied\n",
+        },
+    }
+    request = orchestrator_pb2.SubmitWorkflowRequest(
+        definition=orchestrator_pb2.WorkflowDefinition(text=definition([step])),
+        workspace_source=str(root / "source"),
+        request_id=f"tamper-{what}",
+    )
+    await crashing.start()
+    async with crashing.channel() as channel:
+        submitted = await OrchestratorClient(channel).submit(request)
+    workflow_id = submitted.workflow_id
+    # Made when the workflow starts (the submit answer may come before it has one).
+    workspace = root / "data" / "orchestrator" / "workspaces" / workflow_id
+    with contextlib.suppress(RPCError, AssertionError):  # the crash may cut the call short
+        await approve(crashing, workflow_id)
+    assert crashing.process is not None
+    async with asyncio.timeout(START_SECONDS):
+        assert await crashing.process.wait() == -signal.SIGKILL
+    await crashing.stop()
+
+    if what == "stored artifact":
+        objects = [
+            p for p in (root / "data" / "orchestrator" / "artifacts").rglob("*") if p.is_file()
+        ]
+        assert objects
+        for path in objects:
+            path.chmod(0o644)
+            path.write_bytes(path.read_bytes() + b"# tampered\n")
+    else:
+        assert (workspace / "README.md").is_file()
+        (workspace / "tampered.txt").write_text("changed after the approval\n")
+
+    up = Up(root, port)
+    await up.start()
+    try:
+        done = await watch_until(up, workflow_id, lambda w: w.state in TERMINAL)
+        assert done.state == common_pb2.WORKFLOW_STATE_FAILED
+        assert ("no longer matches" if what == "stored artifact" else "workspace") in done.error
+        assert not runs(gate, "take-off")
+        # The live tail: the event follows the failure through the emitter's outbox.
+        integrity: list[common_pb2.AuditEvent] = []
+        async with asyncio.timeout(30), up.channel("auditor", ("admin",)) as channel:
+            tail = audit_pb2.TailEventsRequest(
+                from_sequence=0,
+                filter=audit_pb2.EventFilter(
+                    workflow_id=workflow_id, event_type="orchestrator.integrity_failed"
+                ),
+            )
+            async for item in AuditClient(channel).tail(tail):
+                integrity.append(item.entry.event)
+                break
+        events = integrity
+        assert events[0].severity == common_pb2.EVENT_SEVERITY_CRITICAL
+    finally:
+        await up.stop()
