@@ -18,7 +18,7 @@ file (about 1 KiB). A fourth part times each server-side stage of an OPA-only ``
 in process.
 
 Usage: ``python bench/preflight.py [--requests 2000] [--concurrency 8] [--texts 4096]
-[--provider cpu|cuda] [--model prompt-injection]``
+[--provider cpu|cuda] [--model prompt-injection] [--opa-only]``
 """
 
 from __future__ import annotations
@@ -429,6 +429,8 @@ async def run_all(
         rows.append(line(name, figures))
 
     model_dir = MODELS / args.model
+    if args.opa_only:
+        return
     if not (model_dir / "manifest.json").is_file():
         print(f"{model_dir} is missing: run `make models` for the ONNX figures")
     else:
@@ -487,4 +489,7 @@ if __name__ == "__main__":
     parser.add_argument("--texts", type=int, default=4096)
     parser.add_argument("--provider", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--model", default="prompt-injection")
+    parser.add_argument(
+        "--opa-only", action="store_true", help="only the OPA-only settings and the stages"
+    )
     sys.exit(asyncio.run(main(parser.parse_args())))

@@ -581,10 +581,10 @@ def _encode(document: dict[str, Any]) -> bytes:
     from cabincrew.redaction import redact_json
     from cabincrew.v1 import common_pb2
 
-    # Fast path: a compiled, reference-free validator accepts the valid event; only a refused
-    # one pays for the full validator's field-by-field description. Nothing invalid leaves.
+    # Fast path: a compiled check accepts the valid event; only a refused one pays for the
+    # full validator's field-by-field description. Nothing invalid leaves.
     problems: list[tuple[str, str]] = []
-    if not _audit_event_validator().is_valid(document):
+    if not _audit_event_check()(document):
         problems = validate_protocol(document, "AuditEvent") or [("", "invalid audit event")]
     if problems:
         raise InvalidArgument(
@@ -593,6 +593,19 @@ def _encode(document: dict[str, Any]) -> bytes:
         )
     redacted, _count = redact_json(document)
     return from_protocol(redacted, common_pb2.AuditEvent).SerializeToString()
+
+
+@functools.cache
+def _audit_event_check() -> Callable[[Any], bool]:
+    """``_audit_event_validator().is_valid``, compiled (cabincrew.schema_check) when it can be."""
+    from cabincrew.schema_check import UnsupportedSchema, compile_check
+
+    validator = _audit_event_validator()
+    try:
+        return compile_check(validator)
+    except UnsupportedSchema as exc:
+        log.warning("audit events are checked with plain jsonschema: %s", exc)
+        return validator.is_valid  # type: ignore[no-any-return]
 
 
 @functools.cache
