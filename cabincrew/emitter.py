@@ -442,10 +442,18 @@ class OutboxEmitter:
         async def send() -> None:
             nonlocal outstanding
             last = 0
+            # Whether the last read took every row committed before it (fewer than asked).
+            caught_up = False
             while True:
-                self._work.clear()
                 free = self._window - outstanding
-                rows = await self._db(self._outbox.after, last, free) if free > 0 else []
+                if caught_up and free > 0 and not self._work.is_set():
+                    # Every commit sets _work after it: nothing new since that read, so
+                    # another one (a round trip to the database thread) would find nothing.
+                    rows = []
+                else:
+                    self._work.clear()
+                    rows = await self._db(self._outbox.after, last, free) if free > 0 else []
+                    caught_up = len(rows) < free
                 if not rows:
                     if free <= 0:
                         room.clear()
