@@ -184,9 +184,11 @@ class _Compiler:
         sub = self.node(items)
 
         def check(value: Any) -> bool:
-            if not isinstance(value, list):
-                return True
-            return all(sub(item) for item in value)
+            if isinstance(value, list):
+                for item in value:
+                    if not sub(item):
+                        return False
+            return True
 
         return check
 
@@ -221,7 +223,15 @@ def _all_of(checks: Sequence[Check]) -> Check:
     if len(checks) == 1:
         return checks[0]
     frozen = tuple(checks)
-    return lambda value: all(check(value) for check in frozen)
+
+    def check_all(value: Any) -> bool:
+        # A loop, not all(<generator>): this runs for most nodes of every instance.
+        for check in frozen:
+            if not check(value):
+                return False
+        return True
+
+    return check_all
 
 
 def _any_of(checks: tuple[Check, ...]) -> Check:
