@@ -131,6 +131,8 @@ class _Outbox:
 
     def put(self, rows: list[tuple[str, bytes, int]]) -> None:
         conn = self._db()
+        # emit returns once this commits: fsynced, whatever an earlier statement set.
+        conn.execute("PRAGMA synchronous=FULL")
         with conn:
             conn.executemany(
                 "INSERT INTO outbox (event_id, event, created_at_us) VALUES (?, ?, ?)", rows
