@@ -101,10 +101,12 @@ class _Compiler:
         if "$id" in schema and schema is not self._root:
             # An embedded resource moves the base that its "#..." references resolve from.
             raise UnsupportedSchema("$id below the root")
+        fmt = schema.get("format")
+        asserted = self._formats is not None and fmt in self._formats.checkers
         if "$ref" in schema:
             # Draft 7 ignores a $ref's siblings and 2020-12 applies them: only a lone $ref
             # (annotations aside) means the same in both.
-            if set(schema) & COMPILED_KEYWORDS != {"$ref"}:
+            if set(schema) & COMPILED_KEYWORDS != {"$ref"} or asserted:
                 raise UnsupportedSchema("$ref beside other assertions")
             return self._ref(schema["$ref"])
         checks: list[Check] = []
@@ -115,8 +117,7 @@ class _Compiler:
                 checks.append(
                     _enum_check(schema[keyword] if keyword == "enum" else [schema[keyword]])
                 )
-        fmt = schema.get("format")
-        if self._formats is not None and fmt in self._formats.checkers:
+        if asserted:
             # The validator's own format checker, so the verdict is its verdict.
             conforms = self._formats.conforms
             checks.append(lambda value: bool(conforms(value, fmt)))

@@ -238,6 +238,16 @@ def test_a_schema_with_anything_not_compiled_is_refused(schema: dict[str, Any]) 
         compile_check(jsonschema.Draft202012Validator(schema))
 
 
+def test_a_ref_beside_an_asserted_format_is_refused() -> None:
+    # 2020-12 applies the format beside the $ref, draft 7 does not: neither is guessed.
+    checker = jsonschema.FormatChecker(formats=("ipv4",))
+    schema = {"$ref": "#/$defs/S", "format": "ipv4", "$defs": {"S": {"type": "string"}}}
+    with pytest.raises(UnsupportedSchema):
+        compile_check(jsonschema.Draft202012Validator(schema, format_checker=checker))
+    unasserted = compile_check(jsonschema.Draft202012Validator(schema))
+    assert unasserted("not an address") and not unasserted(1)
+
+
 def test_a_custom_type_checker_is_refused() -> None:
     checker = jsonschema.Draft7Validator.TYPE_CHECKER.redefine("array", lambda _c, v: True)
     custom = jsonschema.validators.extend(jsonschema.Draft7Validator, type_checker=checker)
