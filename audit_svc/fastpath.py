@@ -16,19 +16,19 @@ Where the time went in the references, and what replaces it:
   for each. Here each message type is planned once (field -> name and converter, the
   required fields proto3 cannot tell from defaults), ``ListFields`` (in C) yields only the
   fields that are set, and timestamps are written without ``datetime`` arithmetic.
-- ``redact_json`` looks for each of ~70 rule keywords in every string. Here one regular
-  expression over the same keywords (a trie, so one branch per character) screens a string
-  first: a rule runs only when one of its keywords occurs, so a string with none cannot be
-  redacted. Strings found clean (the event types, states, engine ids and step names that
-  recur in every event) are remembered in a bounded set; strings with a secret never are,
-  so the cache keeps no secret in memory. The same walk tells ``events.canonical_bytes``
+- ``redact_json`` walks every string and key through the reference. Here
+  ``redaction._KEYWORDS``, the kernel's own screen (one regular expression over the rule
+  keywords, a trie, so one branch per character), is asked first: a rule runs only when one
+  of its keywords occurs, so a string with none cannot be redacted. Strings found clean
+  (the event types, states, engine ids and step names that recur in every event) are
+  remembered in a bounded set; strings with a secret never are, so the cache keeps no
+  secret in memory. The same walk tells ``events.canonical_bytes``
   whether ``json.dumps`` can write the document, so no second walk is needed.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from functools import lru_cache
@@ -40,7 +40,7 @@ from google.protobuf.message import Message
 
 from cabincrew import protocol_schema
 from cabincrew.convert import ConversionError, protocol_definition, to_protocol
-from cabincrew.redaction import RULES, redact_json, redact_text
+from cabincrew.redaction import _KEYWORDS, redact_json, redact_text
 
 __all__ = ["event_document", "redact_document", "redact_plain", "redact_text_fast"]
 
@@ -258,30 +258,6 @@ CLEAN_CACHE_MAX_CHARS = 256
 _SAFE_INTEGER = 2**53
 
 
-def _keyword_pattern(keywords: set[str]) -> re.Pattern[str]:
-    """A regular expression that finds any of ``keywords``, as a trie.
-
-    A plain alternation makes ``re`` try every keyword at every position (~3 us for a
-    sentence); with common prefixes factored out it tries one branch per character.
-    """
-    trie: dict[str, Any] = {}
-    for keyword in keywords:
-        node = trie
-        for char in keyword:
-            node = node.setdefault(char, {})
-        node[""] = {}
-
-    def build(node: dict[str, Any]) -> str:
-        if "" in node:
-            # A keyword ends here; finding it is enough, longer ones need not be matched.
-            return ""
-        branches = [re.escape(char) + build(child) for char, child in sorted(node.items())]
-        return branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
-
-    return re.compile(build(trie))
-
-
-_KEYWORDS = _keyword_pattern({keyword for rule in RULES for keyword in rule.keywords})
 
 
 # Strings redact_text leaves unchanged, as a bounded set: emptied when full, after which the

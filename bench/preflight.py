@@ -1,7 +1,8 @@
 """Preflight latency and throughput over loopback gRPC, against baselines in the same run.
 
 1. ``Evaluate`` with the policies alone (``preflight.load_models=false``): p50/p99 of one
-   request at a time, and decisions/s with several in flight. Once with the audit event
+   request at a time (with the preflight process's CPU per request over the same loop),
+   and decisions/s with several in flight. Once with the audit event
    made durable before the answer (the default) and once written after it, so that the
    cost of the fsync is visible.
 2. The same with the default models (``models/build``) as well: OPA + ONNX.
@@ -18,7 +19,7 @@ file (about 1 KiB). A fourth part times each server-side stage of an OPA-only ``
 in process.
 
 Usage: ``python bench/preflight.py [--requests 2000] [--concurrency 8] [--texts 4096]
-[--provider cpu|cuda] [--model prompt-injection]``
+[--provider cpu|cuda] [--model prompt-injection] [--opa-only]``
 """
 
 from __future__ import annotations
@@ -165,10 +166,12 @@ async def measure_evaluate(
         for _ in range(min(200, count // 5)):
             await client.evaluate(request)
         latencies = []
+        cpu_before = process_cpu_seconds(server.process.pid)
         for _ in range(count):
             started = time.perf_counter()
             await client.evaluate(request)
             latencies.append(time.perf_counter() - started)
+        server_cpu_ms = (process_cpu_seconds(server.process.pid) - cpu_before) * 1000 / count
         latencies.sort()
         per_worker = max(1, count // concurrency)
 
@@ -185,9 +188,24 @@ async def measure_evaluate(
         "p50_ms": statistics.median(latencies) * 1000,
         "p99_ms": latencies[int(len(latencies) * 0.99) - 1] * 1000,
         "decisions_per_s": per_worker * concurrency / elapsed,
+        "server_cpu_ms": server_cpu_ms,
         "evaluations": float(len(first.evaluations)),
         "decision": float(first.decision),
     }
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process, all threads (Linux /proc; NaN elsewhere).
+
+    The server's CPU per request moves much less than latency with what else the machine
+    runs (contention still inflates it somewhat), so it is the steadier figure to compare
+    across runs on shared cores.
+    """
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def measure_bare_rpc(server: Server, count: int) -> float:
@@ -376,7 +394,7 @@ def eval_texts(folder: Path, count: int) -> list[str]:
 def line(name: str, figures: dict[str, float]) -> str:
     return (
         f"| {name} | {figures['p50_ms']:.2f} ms | {figures['p99_ms']:.2f} ms | "
-        f"{figures['decisions_per_s']:,.0f} |"
+        f"{figures['decisions_per_s']:,.0f} | {figures['server_cpu_ms']:.2f} ms |"
     )
 
 
@@ -391,7 +409,11 @@ async def main(args: argparse.Namespace) -> int:
             await run_all(args, base, audit.port, rows, results)
         finally:
             audit.stop()
-    print("\n| setting | p50 | p99 | decisions/s |\n| --- | --- | --- | --- |")
+    print(f"\nload average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(
+        "\n| setting | p50 | p99 | decisions/s | preflight CPU per request |"
+        "\n| --- | --- | --- | --- | --- |"
+    )
     print("\n".join(rows))
     print("\nServer-side stages of one OPA-only Evaluate (median, in process):")
     stages = await breakdown(min(args.requests, 1000))
@@ -429,6 +451,8 @@ async def run_all(
         rows.append(line(name, figures))
 
     model_dir = MODELS / args.model
+    if args.opa_only:
+        return
     if not (model_dir / "manifest.json").is_file():
         print(f"{model_dir} is missing: run `make models` for the ONNX figures")
     else:
@@ -487,4 +511,7 @@ if __name__ == "__main__":
     parser.add_argument("--texts", type=int, default=4096)
     parser.add_argument("--provider", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--model", default="prompt-injection")
+    parser.add_argument(
+        "--opa-only", action="store_true", help="only the OPA-only settings and the stages"
+    )
     sys.exit(asyncio.run(main(parser.parse_args())))

@@ -11,7 +11,7 @@ from typing import cast
 import grpc
 import pytest
 
-from cabincrew.emitter import MAX_BATCH_EVENTS, EmitError, OutboxEmitter, emitter_for
+from cabincrew.emitter import MAX_BATCH_EVENTS, EmitError, OutboxEmitter, _Outbox, emitter_for
 from cabincrew.errors import InvalidArgument
 from cabincrew.runtime.server import create_server
 from cabincrew.v1 import audit_pb2
@@ -163,6 +163,23 @@ async def _drain_into(fake: FakeAudit, tmp_path: Path, data_dir: Path, count: in
     finally:
         await emitter.aclose()
     return ids
+
+
+def test_removing_acknowledged_events_leaves_the_outbox_fsyncing_every_insert(
+    tmp_path: Path,
+) -> None:
+    # Deletes skip their own fsync (a lost one only re-sends a de-duplicated event);
+    # inserts, which make emit durable, must still be synchronous=FULL afterwards.
+    outbox = _Outbox(tmp_path / "outbox.db")
+    try:
+        outbox.put([("e1", b"x", 1), ("e2", b"y", 2)])
+        (first, _, _), _ = outbox.after(0, 10)
+        assert outbox.remove([first]) == 1
+        conn = outbox._db()
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        outbox.close()
 
 
 async def test_waiting_events_are_sent_in_bounded_batches_in_order(

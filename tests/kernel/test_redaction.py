@@ -253,3 +253,25 @@ def test_entropy_is_zero_for_repetition_and_high_for_random_text() -> None:
     assert shannon_entropy("") == 0.0
     assert shannon_entropy("aaaaaaaa") == 0.0
     assert shannon_entropy("abcdefgh") == pytest.approx(3.0)
+
+
+_keyword_texts = st.lists(
+    st.one_of(
+        st.text(max_size=8),
+        st.sampled_from(sorted({k for rule in RULES for k in rule.keywords})),
+        st.sampled_from(["AKIA", "Token", "PASSWORD=", "\u0130", "ghp_", "-----BEGIN"]),
+    ),
+    max_size=4,
+).map(" ".join)
+
+
+@settings(max_examples=500, deadline=None)
+@given(_keyword_texts)
+def test_the_keyword_screen_skips_only_texts_no_rule_would_look_at(text: str) -> None:
+    from cabincrew.redaction import _KEYWORD_RULES, _KEYWORDS, _candidate_rules
+
+    lowered = text.lower()
+    present = [k for k in _KEYWORD_RULES if k in lowered]
+    assert (_KEYWORDS.search(lowered) is not None) == bool(present)
+    expected = list(dict.fromkeys(r for k in present for r in _KEYWORD_RULES[k]))
+    assert _candidate_rules(text) == expected

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import random
+import shutil
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from cabincrew.decisions import Decision
+from cabincrew.redaction import generate_example
 from preflight_svc.errors import (
     EmptyPolicySetError,
     ForbiddenBuiltinError,
@@ -19,13 +23,19 @@ from preflight_svc.errors import (
     PreflightError,
     UnsupportedConstructError,
 )
+from preflight_svc.governance import DEFAULT_POLICY_DIR
 from preflight_svc.opa import (
+    PolicyBundle,
     PolicyDomain,
+    PolicyResult,
+    _entrypoint,
+    _from_outcome,
     evaluate_file,
     load_bundle,
     policy_digest,
     run_policy_tests,
 )
+from preflight_svc.policy_input import ArtifactInput, PolicyContext, build_preflight_input
 
 PREFLIGHT = (PolicyDomain.PREFLIGHT,)
 
@@ -426,3 +436,77 @@ def test_evaluate_file_refuses_an_invalid_document(tmp_path: Path) -> None:
     path.write_text("not json")
     with pytest.raises(PolicyInputError):
         evaluate_file(path, bundle)
+
+
+def _one_query_per_package(
+    bundle: PolicyBundle, domain: PolicyDomain, document: dict[str, Any]
+) -> tuple[PolicyResult, ...]:
+    """The reference: each policy's wrapper queried on its own, as the fallback does."""
+    with bundle._pool.lease() as engine:
+        engine.set_input(document)
+        return tuple(
+            _from_outcome(package, engine.query(_entrypoint(domain, i)))
+            for i, package in enumerate(bundle.packages(domain))
+        )
+
+
+def _preflight_documents() -> list[dict[str, Any]]:
+    def document(target: str, body: str, environment: str, lines: int) -> dict[str, Any]:
+        data = body.encode()
+        artifact = ArtifactInput(
+            "edit",
+            "evidence",
+            "edit",
+            "0" * 64,
+            len(data),
+            {"artifact_type": "diff", "action": "update", "target": target, "mime": "text/x-diff"},
+            data,
+        )
+        built = build_preflight_input(
+            workflow_id="wf",
+            step_id="s",
+            mode="flight-plan",
+            receipt={"engine_id": "e", "mode": "flight-plan", "status": "success"},
+            artifacts=[artifact],
+            context=PolicyContext(environment=environment, workspace_root="/ws"),
+        )
+        built["stats"]["lines_added"] = lines
+        return built
+
+    key = generate_example("aws-access-key-id", random.Random(3))
+    return [
+        document("src/app.py", "+print('hello')\n", "staging", 1),
+        document(".env", "+TOKEN=1\n", "production", 1),
+        document("../../etc/passwd", f"+aws = '{key}'\n", "staging", 5000),
+        document(".github/workflows/ci.yml", "+on: push\n", "Production", 300),
+    ]
+
+
+def test_the_single_query_gives_each_default_policy_its_verdict_when_queried_alone() -> None:
+    bundle = load_bundle(DEFAULT_POLICY_DIR)
+    for document in _preflight_documents():
+        single = bundle.evaluate(PolicyDomain.PREFLIGHT, document)
+        assert single == _one_query_per_package(bundle, PolicyDomain.PREFLIGHT, document)
+    decisions = {
+        r.decision for d in _preflight_documents() for r in bundle.evaluate(PREFLIGHT[0], d)
+    }
+    assert decisions >= {Decision.ALLOW, Decision.DENY, Decision.REQUIRE_APPROVAL}
+
+
+def test_with_a_broken_policy_each_policy_still_gets_its_verdict_when_queried_alone(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "bundle"
+    shutil.copytree(DEFAULT_POLICY_DIR, root)
+    broken = (
+        "package cabincrew.preflight.broken\nimport rego.v1\n"
+        'decision := "allow" if { concat(",", input.stats.lines_added) }\n'
+    )
+    write(root, {"preflight/broken.rego": broken})
+    bundle = load_bundle(root)
+    for document in _preflight_documents():
+        results = bundle.evaluate(PolicyDomain.PREFLIGHT, document)
+        assert results == _one_query_per_package(bundle, PolicyDomain.PREFLIGHT, document)
+        failed = {r.policy_id: r for r in results}["cabincrew.preflight.broken"]
+        assert failed.decision is Decision.DENY
+        assert failed.evidence["error"]["code"] == "eval_type_error"
