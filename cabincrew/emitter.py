@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import re
 import sqlite3
@@ -577,14 +576,15 @@ class OutboxEmitter:
 
 
 def _encode(document: dict[str, Any]) -> bytes:
-    from cabincrew.convert import from_protocol, validate_protocol
+    from cabincrew import schemafast
+    from cabincrew.convert import _FORMAT_CHECKER, from_protocol, validate_protocol
     from cabincrew.redaction import redact_json
     from cabincrew.v1 import common_pb2
 
-    # Fast path: a compiled, reference-free validator accepts the valid event; only a refused
-    # one pays for the full validator's field-by-field description. Nothing invalid leaves.
+    # Fast path: a compiled check accepts the valid event; only a refused one pays for
+    # jsonschema's field-by-field description. Nothing invalid leaves.
     problems: list[tuple[str, str]] = []
-    if not _audit_event_validator().is_valid(document):
+    if not schemafast.is_valid("AuditEvent", document, _FORMAT_CHECKER):
         problems = validate_protocol(document, "AuditEvent") or [("", "invalid audit event")]
     if problems:
         raise InvalidArgument(
@@ -593,41 +593,6 @@ def _encode(document: dict[str, Any]) -> bytes:
         )
     redacted, _count = redact_json(document)
     return from_protocol(redacted, common_pb2.AuditEvent).SerializeToString()
-
-
-@functools.cache
-def _audit_event_validator() -> Any:
-    """The AuditEvent validator with every ``$ref`` inlined (built once; same verdicts).
-
-    Resolving references is most of what ``jsonschema`` spends on an event. Draft-07 ignores
-    a ``$ref``'s sibling keywords, so inlining the target is exact; a recursive definition
-    keeps the ordinary validator.
-    """
-    import jsonschema
-
-    from cabincrew import protocol_schema
-    from cabincrew.convert import _FORMAT_CHECKER, _validator
-
-    definitions = protocol_schema.protocol_schema()["definitions"]
-
-    def inline(node: Any, seen: tuple[str, ...]) -> Any:
-        if isinstance(node, dict):
-            ref = node.get("$ref")
-            if isinstance(ref, str):
-                name = ref.removeprefix("#/definitions/")
-                if name == ref or name in seen or name not in definitions:
-                    raise LookupError(ref)
-                return inline(definitions[name], (*seen, name))
-            return {key: inline(value, seen) for key, value in node.items()}
-        if isinstance(node, list):
-            return [inline(item, seen) for item in node]
-        return node
-
-    try:
-        schema = inline(definitions["AuditEvent"], ("AuditEvent",))
-    except LookupError:
-        return _validator("AuditEvent")
-    return jsonschema.Draft7Validator(schema, format_checker=_FORMAT_CHECKER)
 
 
 def _decode(data: bytes) -> Any:
