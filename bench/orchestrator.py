@@ -12,7 +12,8 @@
    with two orchestrator processes on PostgreSQL, the other services in this process;
    submissions alternate between the replicas. The ratio says what a second replica adds.
 
-Usage: ``python bench/orchestrator.py [--samples 40] [--workflows 200] [--postgres URL]``
+Usage: ``python bench/orchestrator.py [--samples 40] [--workflows 200] [--engine python|sh]
+[--postgres URL]``
 """
 
 from __future__ import annotations
@@ -44,18 +45,28 @@ from cabincrew.v1 import common_pb2, orchestrator_pb2  # noqa: E402
 from orchestrator_svc.runner import Mode, RunLimits, build_engine_input, run_engine  # noqa: E402
 from orchestrator_svc.workflow import EngineSpec  # noqa: E402
 
-NOOP = [sys.executable, "-I", "-S", str(ROOT / "engines" / "noop" / "engine.py")]
+# The no-op engines (``--engine``): the shipped Python noop (an interpreter start per launch)
+# or its POSIX sh twin (same artifacts, no interpreter): the overhead subtracts the engine
+# either way; the throughput depends on which one runs.
+ENGINES = {
+    "python": [sys.executable, "-I", "-S", str(ROOT / "engines" / "noop" / "engine.py")],
+    "sh": [str(ROOT / "engines" / "noop-sh" / "engine.sh")],
+}
+NOOP = ENGINES["python"]
 TERMINAL = {
     common_pb2.WORKFLOW_STATE_COMPLETED,
     common_pb2.WORKFLOW_STATE_FAILED,
     common_pb2.WORKFLOW_STATE_CANCELLED,
 }
-DEFINITION = json.dumps(
-    {
-        "id": "bench",
-        "steps": [{"id": "noop", "kind": "engine", "engine": {"command": NOOP}}],
-    }
-)
+
+
+def definition(command: list[str]) -> str:
+    """The one-step benchmark workflow around ``command``."""
+    step = {"id": "noop", "kind": "engine", "engine": {"command": command}}
+    return json.dumps({"id": "bench", "steps": [step]})
+
+
+DEFINITION = definition(NOOP)
 SERVICES = ["audit", "preflight", "approval", "orchestrator"]
 LAUNCHER = """
 import asyncio, functools, json, sys
@@ -183,7 +194,10 @@ async def embedded(root: Path, samples: int, total: int, widths: list[int]) -> N
         print("## throughput, embedded (SQLite), noop engine")
         for width in widths:
             rate = await throughput([client], str(source), total, width)
-            print(f"concurrency {width:>2}: {rate:.1f} workflows/s ({total} workflows)")
+            print(
+                f"concurrency {width:>2}: {rate:.1f} workflows/s ({total} workflows; "
+                f"load average {os.getloadavg()[0]:.2f})"
+            )
     finally:
         await client.aclose()
         await server.stop(0)
@@ -280,11 +294,16 @@ async def main() -> None:
     parser.add_argument("--workflows", type=int, default=200)
     parser.add_argument("--widths", default="1,8,32")
     parser.add_argument("--postgres", default=os.environ.get("CABINCREW_TEST_POSTGRES_URL", ""))
+    parser.add_argument("--engine", choices=sorted(ENGINES), default="python")
     args = parser.parse_args()
+    global NOOP, DEFINITION
+    NOOP = ENGINES[args.engine]
+    DEFINITION = definition(NOOP)
     widths = [int(w) for w in args.widths.split(",")]
     with tempfile.TemporaryDirectory(prefix="bench-orch-") as folder:
         root = Path(folder)
-        print(f"cpus: {os.cpu_count()}; python {sys.version.split()[0]}")
+        print(f"cpus: {os.cpu_count()}; python {sys.version.split()[0]}; engine {args.engine}")
+        print(f"load average at start: {os.getloadavg()[0]:.2f}")
         await embedded(root, args.samples, args.workflows, widths)
         if args.postgres:
             await scale_out(root, args.postgres, args.workflows, max(widths))
