@@ -713,12 +713,17 @@ class WorkflowRunner:
     def _stored(self, record: StepRecord) -> list[StoredArtifact]:
         return [StoredArtifact.from_dict(item) for item in record.records]
 
-    async def _binding(self, step: Step, record: StepRecord, workspace: str) -> PlanBinding:
+    async def _binding(
+        self, step: Step, record: StepRecord, workspace: str, *, check: bool = True
+    ) -> PlanBinding:
         # The store reload (a thread) and GetGovernance (a call) do not depend on each other:
         # run them together. Both must succeed; a store error wins, as when they ran in turn.
+        # A new token (check=False) may bind the digests last seen: preflight's verdict
+        # confirms them or the token is bound again; a check always asks preflight.
+        governance = self.context.governance
         artifacts, digests = await _together(
             asyncio.to_thread(self.context.artifacts.load, self._stored(record)),
-            self.context.governance.digests(),
+            governance.digests() if check else governance.expected_digests(),
         )
         receipt = record.receipt or {}
         return PlanBinding(
@@ -734,7 +739,7 @@ class WorkflowRunner:
 
     async def _create_token(self, step: Step, record: StepRecord) -> None:
         try:
-            binding = await self._binding(step, record, record.workspace_hash or "")
+            binding = await self._binding(step, record, record.workspace_hash or "", check=False)
         except ArtifactIntegrityError as exc:
             raise StepFailed("integrity", f"stored artifacts changed: {exc.message}") from None
         await self._write_token(step, binding)
