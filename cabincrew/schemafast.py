@@ -192,7 +192,8 @@ def _compiled(definition: str, formats: FormatChecker | None) -> Check:
     validator = protocol_schema.validator(definition)
     if formats is not None:
         validator = validator.evolve(format_checker=formats)
-    return validator.is_valid
+    fallback: Check = validator.is_valid
+    return fallback
 
 
 def is_valid(definition: str, instance: Any, formats: FormatChecker | None = None) -> bool:
