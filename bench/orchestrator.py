@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -158,6 +159,13 @@ async def throughput(
     return total / (time.perf_counter() - started)
 
 
+def cpu_seconds() -> tuple[float, float]:
+    """CPU time used so far by this process (all its threads) and by its waited-for children."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -193,9 +201,14 @@ async def embedded(root: Path, samples: int, total: int, widths: list[int]) -> N
         )
         print("## throughput, embedded (SQLite), noop engine")
         for width in widths:
+            own, children = cpu_seconds()
             rate = await throughput([client], str(source), total, width)
+            own_after, children_after = cpu_seconds()
+            # CPU per workflow is steadier than the rate on cores shared with other work.
             print(
                 f"concurrency {width:>2}: {rate:.1f} workflows/s ({total} workflows; "
+                f"CPU per workflow: services {(own_after - own) / total * 1000:.0f} ms, "
+                f"engines {(children_after - children) / total * 1000:.0f} ms; "
                 f"load average {os.getloadavg()[0]:.2f})"
             )
     finally:
