@@ -12,7 +12,8 @@
    with two orchestrator processes on PostgreSQL, the other services in this process;
    submissions alternate between the replicas. The ratio says what a second replica adds.
 
-Usage: ``python bench/orchestrator.py [--samples 40] [--workflows 200] [--postgres URL]``
+Usage: ``python bench/orchestrator.py [--samples 40] [--workflows 200] [--engine python|sh]
+[--postgres URL]``
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -44,18 +46,28 @@ from cabincrew.v1 import common_pb2, orchestrator_pb2  # noqa: E402
 from orchestrator_svc.runner import Mode, RunLimits, build_engine_input, run_engine  # noqa: E402
 from orchestrator_svc.workflow import EngineSpec  # noqa: E402
 
-NOOP = [sys.executable, "-I", "-S", str(ROOT / "engines" / "noop" / "engine.py")]
+# The no-op engines (``--engine``): the shipped Python noop (an interpreter start per launch)
+# or its POSIX sh twin (same artifacts, no interpreter): the overhead subtracts the engine
+# either way; the throughput depends on which one runs.
+ENGINES = {
+    "python": [sys.executable, "-I", "-S", str(ROOT / "engines" / "noop" / "engine.py")],
+    "sh": [str(ROOT / "engines" / "noop-sh" / "engine.sh")],
+}
+NOOP = ENGINES["python"]
 TERMINAL = {
     common_pb2.WORKFLOW_STATE_COMPLETED,
     common_pb2.WORKFLOW_STATE_FAILED,
     common_pb2.WORKFLOW_STATE_CANCELLED,
 }
-DEFINITION = json.dumps(
-    {
-        "id": "bench",
-        "steps": [{"id": "noop", "kind": "engine", "engine": {"command": NOOP}}],
-    }
-)
+
+
+def definition(command: list[str]) -> str:
+    """The one-step benchmark workflow around ``command``."""
+    step = {"id": "noop", "kind": "engine", "engine": {"command": command}}
+    return json.dumps({"id": "bench", "steps": [step]})
+
+
+DEFINITION = definition(NOOP)
 SERVICES = ["audit", "preflight", "approval", "orchestrator"]
 LAUNCHER = """
 import asyncio, functools, json, sys
@@ -147,6 +159,13 @@ async def throughput(
     return total / (time.perf_counter() - started)
 
 
+def cpu_seconds() -> tuple[float, float]:
+    """CPU time used so far by this process (all its threads) and by its waited-for children."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -182,8 +201,16 @@ async def embedded(root: Path, samples: int, total: int, widths: list[int]) -> N
         )
         print("## throughput, embedded (SQLite), noop engine")
         for width in widths:
+            own, children = cpu_seconds()
             rate = await throughput([client], str(source), total, width)
-            print(f"concurrency {width:>2}: {rate:.1f} workflows/s ({total} workflows)")
+            own_after, children_after = cpu_seconds()
+            # CPU per workflow is steadier than the rate on cores shared with other work.
+            print(
+                f"concurrency {width:>2}: {rate:.1f} workflows/s ({total} workflows; "
+                f"CPU per workflow: services {(own_after - own) / total * 1000:.0f} ms, "
+                f"engines {(children_after - children) / total * 1000:.0f} ms; "
+                f"load average {os.getloadavg()[0]:.2f})"
+            )
     finally:
         await client.aclose()
         await server.stop(0)
@@ -280,11 +307,16 @@ async def main() -> None:
     parser.add_argument("--workflows", type=int, default=200)
     parser.add_argument("--widths", default="1,8,32")
     parser.add_argument("--postgres", default=os.environ.get("CABINCREW_TEST_POSTGRES_URL", ""))
+    parser.add_argument("--engine", choices=sorted(ENGINES), default="python")
     args = parser.parse_args()
+    global NOOP, DEFINITION
+    NOOP = ENGINES[args.engine]
+    DEFINITION = definition(NOOP)
     widths = [int(w) for w in args.widths.split(",")]
     with tempfile.TemporaryDirectory(prefix="bench-orch-") as folder:
         root = Path(folder)
-        print(f"cpus: {os.cpu_count()}; python {sys.version.split()[0]}")
+        print(f"cpus: {os.cpu_count()}; python {sys.version.split()[0]}; engine {args.engine}")
+        print(f"load average at start: {os.getloadavg()[0]:.2f}")
         await embedded(root, args.samples, args.workflows, widths)
         if args.postgres:
             await scale_out(root, args.postgres, args.workflows, max(widths))

@@ -28,6 +28,7 @@ import grpc
 from cabincrew import PROTOCOL_VERSION, protocol_schema
 from cabincrew.canonical import canonical_hash, canonical_json
 from cabincrew.errors import CabinCrewError
+from cabincrew.schema_check import protocol_check
 from cabincrew.signing import Signer, key_id_for, verify
 
 PLAN_TOKEN_VERSION = "1"
@@ -268,9 +269,13 @@ def _consistency(plan_token: Any, binding_document: Any) -> list[str]:
     """Problems between a protocol PlanToken JSON and the binding it claims to hash."""
     if not isinstance(plan_token, Mapping):
         return ["plan_token is not an object"]
-    problems = [
-        f"plan_token{error}" for error in protocol_schema.errors("PlanToken", dict(plan_token))
-    ]
+    document = dict(plan_token)
+    problems = (
+        []
+        if protocol_check("PlanToken")(document)
+        else [f"plan_token{error}" for error in protocol_schema.errors("PlanToken", document)]
+        or ["plan_token: not a valid PlanToken"]
+    )
     if problems:
         return problems
     try:

@@ -19,6 +19,7 @@ random instances.
 
 from __future__ import annotations
 
+import functools
 import numbers
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -26,7 +27,7 @@ from typing import Any, Final
 
 import jsonschema
 
-__all__ = ["COMPILED_KEYWORDS", "Check", "UnsupportedSchema", "compile_check"]
+__all__ = ["COMPILED_KEYWORDS", "Check", "UnsupportedSchema", "compile_check", "protocol_check"]
 
 Check = Callable[[Any], bool]
 
@@ -333,3 +334,17 @@ def _string_check(min_length: Any, pattern: Any) -> Check:
         return search is None or search(value) is not None
 
     return check
+
+
+@functools.cache
+def protocol_check(definition: str) -> Check:
+    """The compiled check of one definition of the protocol schema, with ``format`` left
+    unasserted as in ``protocol_schema.errors``; the validator's own ``is_valid`` where the
+    definition cannot be compiled."""
+    from cabincrew import protocol_schema
+
+    validator = protocol_schema.validator(definition)
+    try:
+        return compile_check(validator)
+    except UnsupportedSchema:
+        return validator.is_valid  # type: ignore[no-any-return]

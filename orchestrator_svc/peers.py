@@ -150,6 +150,7 @@ class PreflightPeer:
 
     def __init__(self, channel: grpc.aio.Channel, deadline: float) -> None:
         self._client = PreflightClient(channel, deadline_seconds=deadline)
+        self._last: Digests | None = None
 
     async def digests(self) -> Digests:
         """GetGovernance's digests."""
@@ -157,7 +158,15 @@ class PreflightPeer:
             response = await self._client.get_governance()
         except RPCError as exc:
             raise PeerUnavailable(f"preflight is unavailable ({exc.status.name})") from None
-        return Digests(response.policy_digest or None, response.governance_hash or None)
+        found = Digests(response.policy_digest or None, response.governance_hash or None)
+        self._last = found
+        return found
+
+    async def expected_digests(self) -> Digests:
+        """The digests last seen, else GetGovernance's (a prediction: see ``Governance``)."""
+        if self._last is not None:
+            return self._last
+        return await self.digests()
 
     async def evaluate(self, request: Evaluation) -> Verdict:
         """Evaluate."""
@@ -208,6 +217,8 @@ class PreflightPeer:
                 raise PeerUnavailable(f"preflight is unavailable ({exc.status.name})") from None
             raise PeerUnavailable(f"preflight refused the evaluation: {exc}") from None
         result = response.result
+        if result.policy_digest:
+            self._last = Digests(result.policy_digest, result.governance_hash or None)
         return Verdict(
             decision=_DECISIONS.get(result.decision, "deny"),
             evaluations=tuple(_evaluation(e) for e in result.evaluations),

@@ -158,6 +158,14 @@ class Governance(Protocol):
         """The digests of the governance in force (``PeerUnavailable`` if unreachable)."""
         ...
 
+    async def expected_digests(self) -> Digests:
+        """The digests last seen (by ``digests`` or in a verdict), fetched when none were.
+
+        A prediction only, for binding a new plan-token that preflight's verdict then
+        confirms or rebinds; never for a check (the integrity check uses ``digests``).
+        """
+        ...
+
     async def evaluate(self, request: Evaluation) -> Verdict:
         """Judge a step (``PeerUnavailable`` if unreachable)."""
         ...

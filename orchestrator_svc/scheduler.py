@@ -63,6 +63,7 @@ from orchestrator_svc.ports import (
     Approvals,
     ApprovalState,
     ArtifactForReview,
+    Digests,
     Evaluation,
     Governance,
     PeerRefused,
@@ -713,13 +714,34 @@ class WorkflowRunner:
     def _stored(self, record: StepRecord) -> list[StoredArtifact]:
         return [StoredArtifact.from_dict(item) for item in record.records]
 
-    async def _binding(self, step: Step, record: StepRecord, workspace: str) -> PlanBinding:
+    async def _binding(
+        self, step: Step, record: StepRecord, workspace: str, *, check: bool = True
+    ) -> PlanBinding:
+        """The binding recomputed from the store, ``workspace`` and the governance in force."""
+        artifacts, digests = await self._plan_inputs(record, check=check)
+        return self._bind(step, record, workspace, artifacts, digests)
+
+    async def _plan_inputs(
+        self, record: StepRecord, *, check: bool = True
+    ) -> tuple[tuple[Artifact, ...], Digests]:
         # The store reload (a thread) and GetGovernance (a call) do not depend on each other:
         # run them together. Both must succeed; a store error wins, as when they ran in turn.
-        artifacts, digests = await _together(
+        # A new token (check=False) may bind the digests last seen: preflight's verdict
+        # confirms them or the token is bound again; a check always asks preflight.
+        governance = self.context.governance
+        return await _together(
             asyncio.to_thread(self.context.artifacts.load, self._stored(record)),
-            self.context.governance.digests(),
+            governance.digests() if check else governance.expected_digests(),
         )
+
+    def _bind(
+        self,
+        step: Step,
+        record: StepRecord,
+        workspace: str,
+        artifacts: tuple[Artifact, ...],
+        digests: Digests,
+    ) -> PlanBinding:
         receipt = record.receipt or {}
         return PlanBinding(
             workflow_id=self.workflow_id,
@@ -734,7 +756,7 @@ class WorkflowRunner:
 
     async def _create_token(self, step: Step, record: StepRecord) -> None:
         try:
-            binding = await self._binding(step, record, record.workspace_hash or "")
+            binding = await self._binding(step, record, record.workspace_hash or "", check=False)
         except ArtifactIntegrityError as exc:
             raise StepFailed("integrity", f"stored artifacts changed: {exc.message}") from None
         await self._write_token(step, binding)
@@ -1086,26 +1108,31 @@ class WorkflowRunner:
 
     async def _integrity(self, step: Step, record: StepRecord) -> dict[str, Any]:
         """Recompute the plan from the store and the workspace; fail on any difference."""
-        # The workspace is hashed (a thread) while the stored token is read and verified;
-        # every check still completes before anything is decided.
+        # The workspace is hashed (a thread), and the store reloaded and GetGovernance asked
+        # (together), while the stored token is read and verified; every check still
+        # completes before anything is decided.
         hashing = (
             None
             if step.allow_workspace_drift
             else asyncio.ensure_future(asyncio.to_thread(workspace_hash, self._workspace))
         )
+        loading = asyncio.ensure_future(self._plan_inputs(record))
+        pending = [task for task in (hashing, loading) if task is not None]
         try:
             token, problems = await self._verified_token(step, record)
+            workspace = token.binding.workspace_hash if hashing is None else await hashing
         except BaseException:
-            if hashing is not None:
-                hashing.cancel()
-                await asyncio.gather(hashing, return_exceptions=True)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
             raise
         actual: PlanToken | None = None
         extra = list(problems)
         try:
-            workspace = token.binding.workspace_hash if hashing is None else await hashing
-            binding = await self._binding(step, record, workspace)
-            actual = PlanToken(binding, token.created_at)
+            artifacts, digests = await loading
+            actual = PlanToken(
+                self._bind(step, record, workspace, artifacts, digests), token.created_at
+            )
         except ArtifactIntegrityError as exc:
             extra.append(f"artifact store: {exc.message}")
         check = integrity_check(token, actual, extra)
