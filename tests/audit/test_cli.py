@@ -223,8 +223,12 @@ async def test_append_sends_a_file_in_batches_or_one_by_one_to_a_service_without
     ids = [d["event_id"] for d in documents]
     assert [ack["event_id"] for ack in _json_lines(out)] == ids
     assert fake.acked == ids
-    assert 1 < max(fake.request_sizes) <= 256
-    if not batches:
+    assert max(fake.request_sizes) <= 256
+    if batches:
+        assert max(fake.request_sizes) > 1
+    else:
+        # The first batch may hold one line or many, by how fast the file was read; after
+        # its refusal only single events follow.
         assert fake.singly_after_the_first_refused_batch()
 
 

@@ -266,14 +266,19 @@ async def test_a_batch_that_does_not_fit_the_queue_is_refused_whole_with_a_retry
     try:
         with _hold_write_lock(server.store_url()):
             # Fill the queue: the writer holds one event while it waits for the lock and the
-            # queue holds one; a third unary append is refused, so the queue is full now.
-            calls = [
-                asyncio.ensure_future(
+            # queue holds one; the next unary append is refused, so the queue is full now.
+            # One call at a time, each given a moment to be taken in before the next: sent
+            # together under load, the first could still be queued when the second came,
+            # and the writer would then empty the queue before the batch arrived.
+            calls: list[asyncio.Future[Any]] = []
+            for i in range(10):
+                call = asyncio.ensure_future(
                     stub.Append(audit_pb2.AppendRequest(event=event(i)), timeout=WAIT)
                 )
-                for i in range(3)
-            ]
-            await asyncio.wait(calls, timeout=WAIT, return_when=asyncio.FIRST_EXCEPTION)
+                calls.append(call)
+                done, _ = await asyncio.wait([call], timeout=1.0)
+                if done and call.exception() is not None:
+                    break
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await _send(server, [_batch(*batch)])
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
