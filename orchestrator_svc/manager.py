@@ -954,7 +954,14 @@ class OrchestratorManager:
                             room -= 1
                             self._wake.set()
                 states = await self._store.call(self._sync_store.batch_states, batch_id)
-            done = all(s[1] for s in states.values())
+            # An item that failed after the first read above has not had the policy applied
+            # yet: the batch is not done until it has (the next advance sees it).
+            unseen = any(
+                states[item["workflow_id"]][0] == State.FAILED.value
+                and not item.get("failure_seen")
+                for item in items
+            )
+            done = all(s[1] for s in states.values()) and not unseen
             if changed or done:
                 document["items"] = items
                 await self._store.call(
