@@ -56,6 +56,14 @@ async def session(tmp_path: Path) -> AsyncIterator[tuple[Up, User]]:
     up = Up(tmp_path, free_port())
     make_source(tmp_path)
     await up.start()
+    try:
+        yield up, user_of(up, tmp_path)
+    finally:
+        await up.stop()
+
+
+def user_of(up: Up, cwd: Path) -> User:
+    """The local operator of ``up``, running the CLI in ``cwd``."""
     env = {
         **os.environ,
         "CABINCREW_ADDR": f"127.0.0.1:{up.port}",
@@ -64,10 +72,7 @@ async def session(tmp_path: Path) -> AsyncIterator[tuple[Up, User]]:
         "COLUMNS": "200",
     }
     env.pop("CABINCREW_TOKEN", None)
-    try:
-        yield up, User(env, tmp_path)
-    finally:
-        await up.stop()
+    return User(env, cwd)
 
 
 def gate_file(tmp_path: Path) -> Path:

@@ -5,13 +5,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from cabincrew.v1 import common_pb2
 from tests.conftest import free_port
-from tests.e2e.test_workflow_cli import EXAMPLES, User, _governance_wired, session
+from tests.e2e.test_workflow_cli import EXAMPLES, User, _governance_wired, session, user_of
 from tests.orchestrator.test_crash import Up, kill_engine, watch_until
 from tests.orchestrator.test_service_support import (
     TERMINAL,
@@ -39,18 +38,6 @@ def note_workflow(tmp_path: Path) -> Path:
         )
     )
     return path
-
-
-def user_of(up: Up, cwd: Path) -> User:
-    env = {
-        **os.environ,
-        "CABINCREW_ADDR": f"127.0.0.1:{up.port}",
-        "CABINCREW_DATA_DIR": str(up.data_dir),
-        "NO_COLOR": "1",
-        "COLUMNS": "200",
-    }
-    env.pop("CABINCREW_TOKEN", None)
-    return User(env, cwd)
 
 
 async def test_the_warn_example_completes_with_a_recorded_warning(

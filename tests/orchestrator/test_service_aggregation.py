@@ -18,9 +18,8 @@ from tests.orchestrator.test_service_support import (
     Orchestra,
     definition,
     patch_step,
-    start_orchestra,
+    serving_bundle,
     step_of,
-    write_bundle,
 )
 
 ALLOW = 'default decision := "allow"\n'
@@ -31,17 +30,10 @@ README = {"path": "README.md", "action": "update", "content": "aggregated\n"}
 @pytest.fixture
 async def split(tmp_path: Path) -> AsyncIterator[Orchestra]:
     """A server whose preflight policies vote allow, allow and warn."""
-    bundle = write_bundle(
-        tmp_path / "bundle", {"first_allow": ALLOW, "second_allow": ALLOW, "warns": WARN}
-    )
-    env = await start_orchestra(
-        tmp_path, **{"preflight.policy_dirs": [str(bundle)], "preflight.load_models": False}
-    )
-    try:
-        assert await env.governance_wired(), "PreflightService answers UNIMPLEMENTED"
+    async with serving_bundle(
+        tmp_path, {"first_allow": ALLOW, "second_allow": ALLOW, "warns": WARN}
+    ) as env:
         yield env
-    finally:
-        await env.close()
 
 
 @pytest.mark.parametrize(

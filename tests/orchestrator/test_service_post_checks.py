@@ -20,9 +20,8 @@ from tests.orchestrator.test_service_support import (
     definition,
     patch_step,
     script,
-    start_orchestra,
+    serving_bundle,
     step_of,
-    write_bundle,
 )
 
 COMPLETED = common_pb2.WORKFLOW_STATE_COMPLETED
@@ -41,15 +40,8 @@ reasons contains "the post policy judged the take-off" if input.mode == "take-of
 @pytest.fixture
 async def judged(tmp_path: Path) -> AsyncIterator[Orchestra]:
     """A server whose only preflight policy judges take-offs by the ``post`` label."""
-    bundle = write_bundle(tmp_path / "bundle", {"post": POST_POLICY})
-    env = await start_orchestra(
-        tmp_path, **{"preflight.policy_dirs": [str(bundle)], "preflight.load_models": False}
-    )
-    try:
-        assert await env.governance_wired(), "PreflightService answers UNIMPLEMENTED"
+    async with serving_bundle(tmp_path, {"post": POST_POLICY}) as env:
         yield env
-    finally:
-        await env.close()
 
 
 async def test_a_post_check_deny_fails_the_step_after_its_take_off(judged: Orchestra) -> None:

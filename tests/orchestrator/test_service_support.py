@@ -7,6 +7,7 @@ the fixtures and helpers by name.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -352,3 +353,17 @@ def write_bundle(directory: Path, preflight: Mapping[str, str]) -> Path:
         header = f"package cabincrew.preflight.{name}\n\nimport rego.v1\n\n"
         (directory / "preflight" / f"{name}.rego").write_text(header + textwrap.dedent(body))
     return directory
+
+
+@contextlib.asynccontextmanager
+async def serving_bundle(tmp_path: Path, preflight: Mapping[str, str]) -> AsyncIterator[Orchestra]:
+    """A running server whose preflight policies are only ``preflight`` (see write_bundle)."""
+    bundle = write_bundle(tmp_path / "bundle", preflight)
+    env = await start_orchestra(
+        tmp_path, **{"preflight.policy_dirs": [str(bundle)], "preflight.load_models": False}
+    )
+    try:
+        assert await env.governance_wired(), "PreflightService answers UNIMPLEMENTED"
+        yield env
+    finally:
+        await env.close()
