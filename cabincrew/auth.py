@@ -23,6 +23,8 @@ from cabincrew.signing import Signer, verify
 TOKEN_PREFIX = "cc1"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:+-]{0,127}$")
 _ROLE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+# Verified tokens remembered per verifier (each entry is one live token of one client).
+_VERIFIED_CACHE_SIZE = 4096
 
 
 @dataclass(frozen=True)
@@ -95,16 +97,36 @@ def issue_token(
 
 
 class TokenVerifier:
-    """Verifies tokens against trusted public keys (key id -> raw Ed25519 key)."""
+    """Verifies tokens against trusted public keys (key id -> raw Ed25519 key).
+
+    A token that verified is remembered with its expiry (its exact text is the key, and the
+    trusted keys of a verifier never change), so a client's every call does not pay for a
+    signature check again; expiry is still checked on every call.
+    """
 
     def __init__(self, trusted: Mapping[str, bytes], audience: str = "cabincrew") -> None:
         if not trusted:
             raise ValueError("a token verifier needs at least one trusted key")
         self._trusted = dict(trusted)
         self._audience = audience
+        self._verified: dict[str, tuple[Principal, int]] = {}
 
     def verify(self, token: str, now: float | None = None) -> Principal:
         """Return the token's principal, or raise ``Unauthenticated`` (reason kept vague)."""
+        current = now if now is not None else time.time()
+        known = self._verified.get(token)
+        if known is not None:
+            if known[1] > current:
+                return known[0]
+            del self._verified[token]
+            raise Unauthenticated("bearer token has expired")
+        principal, exp = self._check(token, current)
+        if len(self._verified) >= _VERIFIED_CACHE_SIZE:
+            self._verified.clear()  # rare (that many live tokens): start over
+        self._verified[token] = (principal, exp)
+        return principal
+
+    def _check(self, token: str, current: float) -> tuple[Principal, int]:
         parts = token.split(".")
         if len(parts) != 3 or parts[0] != TOKEN_PREFIX:
             raise Unauthenticated("malformed bearer token")
@@ -121,7 +143,6 @@ class TokenVerifier:
         if payload.get("aud") != self._audience:
             raise Unauthenticated("bearer token is for another audience")
         exp = payload.get("exp")
-        current = now if now is not None else time.time()
         if not isinstance(exp, int) or exp <= current:
             raise Unauthenticated("bearer token has expired")
         name, roles = payload.get("sub"), payload.get("roles")
@@ -129,7 +150,7 @@ class TokenVerifier:
             raise Unauthenticated("malformed bearer token")
         if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
             raise Unauthenticated("malformed bearer token")
-        return Principal(name=name, roles=frozenset(roles), via="token")
+        return Principal(name=name, roles=frozenset(roles), via="token"), exp
 
 
 def _b64(data: bytes) -> str:

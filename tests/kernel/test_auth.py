@@ -24,6 +24,27 @@ def test_expired_tokens_are_refused(signer: Ed25519Signer) -> None:
         TokenVerifier({signer.key_id: signer.public_key_bytes()}).verify(token, now=1061)
 
 
+def test_a_remembered_token_still_expires(signer: Ed25519Signer) -> None:
+    token = issue_token(signer, "alice", ["viewer"], now=1000, ttl_seconds=60)
+    verifier = TokenVerifier({signer.key_id: signer.public_key_bytes()})
+    assert verifier.verify(token, now=1010).name == "alice"
+    assert verifier.verify(token, now=1059).name == "alice"  # from the cache
+    with pytest.raises(Unauthenticated, match="expired"):
+        verifier.verify(token, now=1060)
+    with pytest.raises(Unauthenticated, match="expired"):
+        verifier.verify(token, now=1061)  # forgotten, checked in full again: expired
+
+
+def test_a_forgery_of_a_remembered_token_is_still_refused(signer: Ed25519Signer) -> None:
+    token = issue_token(signer, "alice", ["viewer"])
+    verifier = TokenVerifier({signer.key_id: signer.public_key_bytes()})
+    verifier.verify(token)
+    prefix, payload, sig = token.split(".")
+    flipped = sig[:-2] + ("A" if sig[-2] != "A" else "B") + sig[-1]
+    with pytest.raises(Unauthenticated):
+        verifier.verify(f"{prefix}.{payload}.{flipped}")
+
+
 def test_tokens_for_another_audience_are_refused(signer: Ed25519Signer) -> None:
     token = issue_token(signer, "alice", [], audience="other")
     with pytest.raises(Unauthenticated):
