@@ -258,8 +258,6 @@ CLEAN_CACHE_MAX_CHARS = 256
 _SAFE_INTEGER = 2**53
 
 
-
-
 # Strings redact_text leaves unchanged, as a bounded set: emptied when full, after which the
 # recurring ones come back at one miss each (cheaper than LRU bookkeeping on every hit).
 _clean: dict[str, None] = {}

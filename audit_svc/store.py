@@ -61,6 +61,13 @@ events = sa.Table(
     sa.Column("event_time_us", sa.BigInteger, nullable=False),
 )
 
+# Built once: every append runs it (its compilation is cached, its construction is not).
+_ROWS_FROM = (
+    sa.select(events.c.sequence, events.c.leaf_hash, events.c.chain_hash)
+    .where(events.c.sequence >= sa.bindparam("start"))
+    .order_by(events.c.sequence)
+)
+
 checkpoints = sa.Table(
     "audit_checkpoints",
     metadata,
@@ -254,11 +261,7 @@ class SqlAuditStore:
     ) -> tuple[list[bytes], bytes]:
         """Rows written since ``known_size`` (by other processes), with their chain checked."""
         start = max(known_size - 1, 0)
-        rows = conn.execute(
-            sa.select(events.c.sequence, events.c.leaf_hash, events.c.chain_hash)
-            .where(events.c.sequence >= start)
-            .order_by(events.c.sequence)
-        ).all()
+        rows = conn.execute(_ROWS_FROM, {"start": start}).all()
         previous = known_chain if known_size else GENESIS_CHAIN_HASH
         if known_size:
             if not rows or rows[0].sequence != start or bytes(rows[0].chain_hash) != known_chain:
