@@ -44,6 +44,7 @@ from approval_svc.model import (
 from approval_svc.records import sign_record
 from approval_svc.store import ApprovalStore, Cursor, ListFilter, RequestKey, to_us
 from approval_svc.webhook import RetryPolicy, WebhookNotifier
+from cabincrew.aio import wait_event
 from cabincrew.auth import Principal
 from cabincrew.canonical import canonical_hash
 from cabincrew.emitter import AuditEmitter, EmitError
@@ -155,8 +156,7 @@ class ApprovalManager:
                 await self.sweep_once()
             except Exception:
                 log.exception("expiry sweep failed; retrying")
-            with suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), self._sweep_seconds)
+            await wait_event(self._stop, self._sweep_seconds)
 
     async def sweep_once(self) -> list[Approval]:
         """Expire every overdue approval now, audit each and wake its watchers."""
@@ -332,8 +332,7 @@ class ApprovalManager:
             current = await self.get(principal, approval_id)
             yield current
             while not current.state.terminal:
-                with suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), self._poll_seconds)
+                await wait_event(changed, self._poll_seconds)
                 changed.clear()
                 if self.feed.closed:
                     raise Unavailable("the approval service is stopping; watch again")

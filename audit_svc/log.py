@@ -17,7 +17,6 @@ the ``LogStore`` port, called from worker threads.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
@@ -38,6 +37,7 @@ from audit_svc.store import (
     StoredEntry,
 )
 from audit_svc.verify import LogVerifier, VerifyResult
+from cabincrew.aio import wait_event
 from cabincrew.signing import Signer
 
 log = logging.getLogger("cabincrew.audit")
@@ -398,8 +398,7 @@ class AuditLog:
                     await self._sign_current()
             except Exception:
                 log.exception("scheduled audit checkpoint failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), interval)
+            await wait_event(self._stopping, interval)
 
     async def inclusion_proof(self, sequence: int, tree_size: int = 0) -> InclusionProof:
         """Proof that entry ``sequence`` is in the tree of ``tree_size`` (0: current)."""
@@ -445,8 +444,7 @@ class AuditLog:
             if position >= upper:
                 if self._closed:
                     return
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(committed.wait(), TAIL_POLL_SECONDS)
+                await wait_event(committed, TAIL_POLL_SECONDS)
 
     async def verify(self) -> VerifyResult:
         """Recompute every leaf and chain hash and the tree, and check them against the

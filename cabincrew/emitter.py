@@ -42,6 +42,7 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from cabincrew.aio import wait_event
 from cabincrew.errors import CabinCrewError, InvalidArgument, Violation
 
 if TYPE_CHECKING:
@@ -343,9 +344,7 @@ class OutboxEmitter:
             if await self._db(self._outbox.count) == 0:
                 break
             left = deadline - asyncio.get_running_loop().time()
-            try:
-                await asyncio.wait_for(self._drained.wait(), max(left, 0))
-            except TimeoutError:
+            if not await wait_event(self._drained, left):
                 return False
         return True
 
@@ -461,15 +460,12 @@ class OutboxEmitter:
                         room.clear()
                         await room.wait()
                         continue
-                    try:
-                        await asyncio.wait_for(self._work.wait(), self._idle_seconds)
-                    except TimeoutError:
-                        if not inflight:
-                            # Idle with everything acknowledged: end the stream, so that a
-                            # server shutting down gracefully is not kept waiting for it.
-                            idle.set()
-                            await call.done_writing()
-                            return
+                    if not await wait_event(self._work, self._idle_seconds) and not inflight:
+                        # Idle with everything acknowledged: end the stream, so that a
+                        # server shutting down gracefully is not kept waiting for it.
+                        idle.set()
+                        await call.done_writing()
+                        return
                     continue
                 for group in _batches(rows) if batching else ([row] for row in rows):
                     # One form for the whole stream, a lone event as a batch of one: a

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from cabincrew.aio import wait_event
 from cabincrew.auth import Principal
 from cabincrew.canonical import canonical_hash
 from cabincrew.emitter import AuditEmitter
@@ -291,8 +292,7 @@ class OrchestratorManager:
     async def _loop(self) -> None:
         interval = max(0.2, min(self.settings.lease_seconds / 3, 5.0))
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), interval)
+            await wait_event(self._wake, interval)
             self._wake.clear()
             try:
                 await self._renew()
@@ -658,8 +658,7 @@ class OrchestratorManager:
             row = await self._row(workflow_id)
             yield row
             while not row.summary.get("finished"):
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), 1.0)
+                await wait_event(changed, 1.0)
                 changed.clear()
                 if self.feed.closed:
                     raise Unavailable("the orchestrator is stopping; watch again")
@@ -745,8 +744,9 @@ class OrchestratorManager:
         return await self._row(workflow_id)
 
     async def _until_ended(self, workflow_id: str, task: asyncio.Task[None]) -> None:
-        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-            await asyncio.wait_for(asyncio.shield(task), 10.0)
+        # asyncio.wait: the task's own end (even cancelled) is not raised here, while a
+        # cancellation of the caller is.
+        await asyncio.wait({task}, timeout=10.0)
 
     async def resume(
         self, principal: Principal, workflow_id: str, retry_takeoff: bool, request_id: str = ""

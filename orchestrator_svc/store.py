@@ -154,8 +154,8 @@ batches = Table(
 # dict skips SQLAlchemy's per-call construction and cache-key work (half of an append's CPU).
 # Parameters of WHERE clauses are prefixed ``b_`` so that they never clash with the columns
 # an UPDATE sets; an UPDATE without ``.values()`` sets the columns named in its parameters.
-_WORKFLOW_ID = bindparam("b_workflow_id")
-_STEP_ID = bindparam("b_step_id")
+_WORKFLOW_ID = bindparam("b_workflow_id", type_=String())
+_STEP_ID = bindparam("b_step_id", type_=String())
 _LOCK_WORKFLOW = (
     select(
         workflows.c.position, workflows.c.checksum, workflows.c.owner, workflows.c.lease_expires_us

@@ -9,6 +9,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from cabincrew.aio import wait_event
 from preflight_svc.onnx_errors import (
     BatcherClosed,
     ModelError,
@@ -151,9 +152,7 @@ class MicroBatcher(Generic[T, R]):
             if remaining <= 0:
                 return
             wakeup.clear()
-            try:
-                await asyncio.wait_for(wakeup.wait(), remaining)
-            except TimeoutError:
+            if not await wait_event(wakeup, remaining):
                 return
 
     def _take(self) -> list[tuple[T, asyncio.Future[R]]]:

@@ -209,7 +209,8 @@ async def _follow(
             display.start()
         if timeout > 0:
             try:
-                await asyncio.wait_for(watch(), timeout)
+                async with asyncio.timeout(timeout):
+                    await watch()
             except TimeoutError:
                 assert latest is not None
                 return latest, EXIT_TIMEOUT
