@@ -170,13 +170,12 @@ _INSERT_STEP = insert(steps)
 _UPDATE_STEP = update(steps).where(
     and_(steps.c.workflow_id == _WORKFLOW_ID, steps.c.step_id == _STEP_ID)
 )
-_TOKEN_EXISTS = select(plan_tokens.c.token).where(
-    and_(
-        plan_tokens.c.workflow_id == _WORKFLOW_ID,
-        plan_tokens.c.step_id == _STEP_ID,
-        plan_tokens.c.token == bindparam("b_token"),
-    )
+_TOKEN_KEY = and_(
+    plan_tokens.c.workflow_id == _WORKFLOW_ID,
+    plan_tokens.c.step_id == _STEP_ID,
+    plan_tokens.c.token == bindparam("b_token"),
 )
+_TOKEN_EXISTS = select(plan_tokens.c.token).where(_TOKEN_KEY)
 _INSERT_TOKEN = insert(plan_tokens)
 _SET_AUDITED = update(workflows).where(
     and_(
@@ -186,13 +185,7 @@ _SET_AUDITED = update(workflows).where(
 )
 _LOAD_WORKFLOW = select(workflows).where(workflows.c.workflow_id == _WORKFLOW_ID)
 _LOAD_STEPS = select(steps.c.document).where(steps.c.workflow_id == _WORKFLOW_ID)
-_LOAD_TOKEN = select(plan_tokens.c.envelope).where(
-    and_(
-        plan_tokens.c.workflow_id == _WORKFLOW_ID,
-        plan_tokens.c.step_id == _STEP_ID,
-        plan_tokens.c.token == bindparam("b_token"),
-    )
-)
+_LOAD_TOKEN = select(plan_tokens.c.envelope).where(_TOKEN_KEY)
 
 _FIND_REQUEST = select(requests.c.fingerprint, requests.c.result_id).where(
     and_(
@@ -403,14 +396,7 @@ class WorkflowStore:
         )
         conn.execute(
             _INSERT_ENTRY,
-            {
-                "workflow_id": workflow_id,
-                "position": 1,
-                "timestamp_us": entry.timestamp_us,
-                "entry_type": entry.entry_type,
-                "data": _dumps(dict(entry.data)),
-                "checksum": checksum,
-            },
+            _wal_row(workflow_id, 1, entry.timestamp_us, entry.entry_type, entry.data, checksum),
         )
         conn.execute(
             _INSERT_WORKFLOW,
@@ -434,13 +420,7 @@ class WorkflowStore:
             },
         )
         step_rows = [
-            {
-                "workflow_id": workflow_id,
-                "step_id": step_id,
-                "state": state,
-                "updated_us": materialised.updated_us,
-                "document": _dumps(dict(document)),
-            }
+            _step_row(workflow_id, step_id, state, materialised.updated_us, document)
             for step_id, (state, document) in materialised.steps.items()
         ]
         if step_rows:
@@ -485,14 +465,9 @@ class WorkflowStore:
                 )
                 result = conn.execute(
                     _INSERT_ENTRY,
-                    {
-                        "workflow_id": workflow_id,
-                        "position": position,
-                        "timestamp_us": item.timestamp_us,
-                        "entry_type": item.entry_type,
-                        "data": _dumps(data),
-                        "checksum": checksum,
-                    },
+                    _wal_row(
+                        workflow_id, position, item.timestamp_us, item.entry_type, data, checksum
+                    ),
                 )
                 sequence = int(result.inserted_primary_key[0]) if result.inserted_primary_key else 0
                 written.append(
@@ -528,28 +503,12 @@ class WorkflowStore:
                 values["command"] = None
             conn.execute(_UPDATE_WORKFLOW, values)
             for step_id, (state, document) in materialised.steps.items():
-                text = _dumps(dict(document))
-                changed = conn.execute(
-                    _UPDATE_STEP,
-                    {
-                        "b_workflow_id": workflow_id,
-                        "b_step_id": step_id,
-                        "state": state,
-                        "updated_us": materialised.updated_us,
-                        "document": text,
-                    },
-                )
-                if changed.rowcount == 0:
-                    conn.execute(
-                        _INSERT_STEP,
-                        {
-                            "workflow_id": workflow_id,
-                            "step_id": step_id,
-                            "state": state,
-                            "updated_us": materialised.updated_us,
-                            "document": text,
-                        },
-                    )
+                step_row = _step_row(workflow_id, step_id, state, materialised.updated_us, document)
+                # Only the changing columns: every key given to _UPDATE_STEP is SET.
+                changes = {name: step_row[name] for name in ("state", "updated_us", "document")}
+                keys = {"b_workflow_id": workflow_id, "b_step_id": step_id}
+                if conn.execute(_UPDATE_STEP, {**changes, **keys}).rowcount == 0:
+                    conn.execute(_INSERT_STEP, step_row)
             if plan_token is not None:
                 step_id, token, envelope = plan_token
                 keys = {"b_workflow_id": workflow_id, "b_step_id": step_id, "b_token": token}
@@ -888,6 +847,38 @@ class WorkflowStore:
         with self._tx(durable=False) as conn:
             result = conn.execute(delete(requests).where(requests.c.created_us < before_us))
         return int(result.rowcount or 0)
+
+
+def _wal_row(
+    workflow_id: str,
+    position: int,
+    timestamp_us: int,
+    entry_type: str,
+    data: Mapping[str, Any],
+    checksum: str,
+) -> dict[str, Any]:
+    """The parameters of ``_INSERT_ENTRY``."""
+    return {
+        "workflow_id": workflow_id,
+        "position": position,
+        "timestamp_us": timestamp_us,
+        "entry_type": entry_type,
+        "data": _dumps(dict(data)),
+        "checksum": checksum,
+    }
+
+
+def _step_row(
+    workflow_id: str, step_id: str, state: str, updated_us: int, document: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The parameters of ``_INSERT_STEP`` (and the columns ``_UPDATE_STEP`` sets)."""
+    return {
+        "workflow_id": workflow_id,
+        "step_id": step_id,
+        "state": state,
+        "updated_us": updated_us,
+        "document": _dumps(dict(document)),
+    }
 
 
 def _request(conn: Connection, key: RequestKey) -> str | None:
