@@ -44,7 +44,7 @@ from google.protobuf.message import Message
 
 from cabincrew import protocol_schema
 from cabincrew.errors import InvalidArgument, Violation
-from cabincrew.schema_check import UnsupportedSchema, compile_check
+from cabincrew.schema_check import fast_check
 from cabincrew.v1 import common_pb2
 
 __all__ = [
@@ -659,11 +659,7 @@ def _validator(definition_name: str) -> Any:
 def _check(definition_name: str) -> Callable[[Any], bool]:
     # The validator's verdict, compiled (a valid document, the usual case, costs a tenth); a
     # refused one still goes through the validator for its violations.
-    validator = _validator(definition_name)
-    try:
-        return compile_check(validator)
-    except UnsupportedSchema:
-        return validator.is_valid  # type: ignore[no-any-return]
+    return fast_check(_validator(definition_name))
 
 
 def _describe(error: Any) -> list[tuple[str, str]]:

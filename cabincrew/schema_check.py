@@ -27,7 +27,14 @@ from typing import Any, Final
 
 import jsonschema
 
-__all__ = ["COMPILED_KEYWORDS", "Check", "UnsupportedSchema", "compile_check", "protocol_check"]
+__all__ = [
+    "COMPILED_KEYWORDS",
+    "Check",
+    "UnsupportedSchema",
+    "compile_check",
+    "fast_check",
+    "protocol_check",
+]
 
 Check = Callable[[Any], bool]
 
@@ -80,6 +87,15 @@ def compile_check(validator: Any) -> Check:
     if validator.TYPE_CHECKER is not type(validator).TYPE_CHECKER:
         raise UnsupportedSchema("a custom type checker")
     return _Compiler(validator.schema, validator.format_checker).node(validator.schema)
+
+
+def fast_check(validator: Any) -> Check:
+    """``compile_check(validator)``, or the validator's own ``is_valid`` where the schema
+    cannot be compiled: the same verdict either way, fast where it can be."""
+    try:
+        return compile_check(validator)
+    except UnsupportedSchema:
+        return validator.is_valid  # type: ignore[no-any-return]
 
 
 class _Compiler:
@@ -343,8 +359,4 @@ def protocol_check(definition: str) -> Check:
     definition cannot be compiled."""
     from cabincrew import protocol_schema
 
-    validator = protocol_schema.validator(definition)
-    try:
-        return compile_check(validator)
-    except UnsupportedSchema:
-        return validator.is_valid  # type: ignore[no-any-return]
+    return fast_check(protocol_schema.validator(definition))

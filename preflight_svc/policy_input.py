@@ -22,7 +22,7 @@ from typing import Any, Final, Literal
 import jsonschema
 
 from cabincrew.canonical import sha256_hex
-from cabincrew.schema_check import UnsupportedSchema, compile_check
+from cabincrew.schema_check import fast_check
 from preflight_svc.errors import InputViolation, PolicyInputError
 
 SCHEMA_PATH: Final = Path(__file__).parent / "schemas" / "policy_input.schema.json"
@@ -353,13 +353,7 @@ def _validators() -> dict[str, Any]:
 def _checks() -> dict[str, Callable[[Any], bool]]:
     # The validators' verdicts, compiled: a valid document (the usual case) costs a tenth;
     # an invalid one is described by the validator itself, so its violations are unchanged.
-    checks: dict[str, Callable[[Any], bool]] = {}
-    for name, validator in _validators().items():
-        try:
-            checks[name] = compile_check(validator)
-        except UnsupportedSchema:
-            checks[name] = validator.is_valid
-    return checks
+    return {name: fast_check(validator) for name, validator in _validators().items()}
 
 
 def _violation(error: Any) -> InputViolation:

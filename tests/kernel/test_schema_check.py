@@ -14,7 +14,7 @@ from jsonschema._utils import equal as jsonschema_equal
 from cabincrew import protocol_schema
 from cabincrew.convert import _validator as protocol_validator
 from cabincrew.emitter import _audit_event_validator
-from cabincrew.schema_check import UnsupportedSchema, _equal, compile_check
+from cabincrew.schema_check import UnsupportedSchema, _equal, compile_check, fast_check
 from preflight_svc.policy_input import (
     ArtifactInput,
     PolicyContext,
@@ -253,3 +253,16 @@ def test_a_custom_type_checker_is_refused() -> None:
     custom = jsonschema.validators.extend(jsonschema.Draft7Validator, type_checker=checker)
     with pytest.raises(UnsupportedSchema):
         compile_check(custom({"type": "array"}))
+
+
+def test_fast_check_keeps_the_validators_verdict_where_it_cannot_compile() -> None:
+    # maxLength is not compiled: fast_check falls back to the validator's own is_valid.
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 3}}}
+    validator = jsonschema.Draft7Validator(schema)
+    with pytest.raises(UnsupportedSchema):
+        compile_check(validator)
+    check = fast_check(validator)
+    assert check({"name": "abc"}) is True
+    assert check({"name": "abcd"}) is False
+    compiled = fast_check(jsonschema.Draft7Validator({"type": "object", "required": ["a"]}))
+    assert compiled({"a": 1}) is True and compiled({}) is False
