@@ -8,12 +8,17 @@
    p50 and p95 over ``--samples`` workflows, one at a time.
 2. Throughput: workflows/s with the noop engine and ``--workflows`` submissions kept at
    1, 8 and 32 in flight, all services in one process on SQLite (the embedded mode).
-3. Scale-out (with ``--postgres URL`` or CABINCREW_TEST_POSTGRES_URL): the same with one and
+3. One process per service (``--topology``, default ``both``): the same overhead and
+   throughput with audit, preflight, approval and the orchestrator each in a process of its
+   own, as a deployment runs them (SQLite, its own data dir and copies of the same keys per
+   process). One Python process runs its Python code on one core at a time (the GIL), so the
+   embedded mode cannot use a second core however many requests wait; this one can.
+4. Scale-out (with ``--postgres URL`` or CABINCREW_TEST_POSTGRES_URL): the same with one and
    with two orchestrator processes on PostgreSQL, the other services in this process;
    submissions alternate between the replicas. The ratio says what a second replica adds.
 
 Usage: ``python bench/orchestrator.py [--samples 40] [--workflows 200] [--engine python|sh]
-[--postgres URL]``
+[--topology embedded|per-service|both] [--postgres URL]``
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import json
 import os
 import resource
 import shutil
+import socket
 import statistics
 import sys
 import tempfile
@@ -76,7 +82,8 @@ from cabincrew.runtime.server import serve, service_factories
 from orchestrator_svc.server import build
 config = load_config(None, environ={}, overrides=json.loads(sys.argv[1]))
 factories = service_factories()
-factories["orchestrator"] = functools.partial(build, schema=sys.argv[2])
+if sys.argv[2]:
+    factories["orchestrator"] = functools.partial(build, schema=sys.argv[2])
 asyncio.run(serve(config, factories, ready=lambda s: print("listening on", s.port, flush=True)))
 """
 
@@ -171,35 +178,38 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+async def overhead(client: OrchestratorClient, root: Path, source: Path, samples: int) -> None:
+    """Workflows one at a time against the same engine run directly, interleaved."""
+    for _ in range(3):  # warm-up: imports, first connections, caches
+        await one_workflow(client, str(source))
+        await direct_engine_runs(root, 0)
+    overheads, whole, direct = [], [], []
+    for index in range(samples):
+        workflow_seconds = await one_workflow(client, str(source))
+        engine_seconds = await direct_engine_runs(root, index)
+        whole.append(workflow_seconds)
+        direct.append(engine_seconds)
+        overheads.append(workflow_seconds - engine_seconds)
+    print(f"overhead per engine step (noop engine, {samples} workflows, one at a time):")
+    print(
+        f"  workflow end to end p50 {statistics.median(whole) * 1000:.1f} ms; "
+        f"engine run twice directly p50 {statistics.median(direct) * 1000:.1f} ms"
+    )
+    print(
+        f"  governance overhead p50 {statistics.median(overheads) * 1000:.1f} ms, "
+        f"p95 {percentile(overheads, 0.95) * 1000:.1f} ms (goal: p50 <= 30 ms)"
+    )
+
+
 async def embedded(root: Path, samples: int, total: int, widths: list[int]) -> None:
     source = root / "source"
-    source.mkdir()
-    (source / "README.md").write_text("bench\n")
     config = config_for(root / "data", **{"orchestrator.max_running_workflows": 64})
     server, port = await create_server(config)
     await server.start()
     client = client_for(config, port)
+    print("## embedded: all services in this process (SQLite), noop engine")
     try:
-        for _ in range(3):  # warm-up: imports, first connections, caches
-            await one_workflow(client, str(source))
-            await direct_engine_runs(root, 0)
-        overheads, whole, direct = [], [], []
-        for index in range(samples):
-            workflow_seconds = await one_workflow(client, str(source))
-            engine_seconds = await direct_engine_runs(root, index)
-            whole.append(workflow_seconds)
-            direct.append(engine_seconds)
-            overheads.append(workflow_seconds - engine_seconds)
-        print(f"## overhead per engine step (noop engine, {samples} workflows, one at a time)")
-        print(
-            f"workflow end to end p50 {statistics.median(whole) * 1000:.1f} ms; "
-            f"engine run twice directly p50 {statistics.median(direct) * 1000:.1f} ms"
-        )
-        print(
-            f"governance overhead p50 {statistics.median(overheads) * 1000:.1f} ms, "
-            f"p95 {percentile(overheads, 0.95) * 1000:.1f} ms (goal: p50 <= 30 ms)"
-        )
-        print("## throughput, embedded (SQLite), noop engine")
+        await overhead(client, root, source, samples)
         for width in widths:
             own, children = cpu_seconds()
             rate = await throughput([client], str(source), total, width)
@@ -216,6 +226,65 @@ async def embedded(root: Path, samples: int, total: int, widths: list[int]) -> N
         await server.stop(0)
 
 
+def free_address() -> str:
+    """A loopback address whose port was free a moment ago."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{probe.getsockname()[1]}"
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds of process ``pid`` and of the children it waited for (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(value) for value in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+async def per_service(root: Path, samples: int, total: int, widths: list[int]) -> None:
+    source = root / "source"
+    config = config_for(root / "client")
+    keys = root / "service-keys"
+    keys.mkdir()
+    Ed25519Signer.load_or_create(config.auth_key_path())
+    shutil.copy(config.auth_key_path(), keys / "auth.key")
+    Ed25519Signer.load_or_create(keys / "orchestrator.key")
+    addresses = {service: free_address() for service in SERVICES}
+    processes: dict[str, asyncio.subprocess.Process] = {}
+    print("## one process per service (SQLite, a data dir each), noop engine")
+    try:
+        for service in SERVICES:  # the orchestrator last: it calls the others
+            overrides = {
+                "data_dir": str(root / f"svc-{service}"),
+                "services": [service],
+                "server.addr": addresses[service],
+                "preflight.load_models": False,
+                "orchestrator.max_running_workflows": 64,
+                "clients.addresses": {k: v for k, v in addresses.items() if k != service},
+            }
+            processes[service], _ = await launch(overrides, "", keys)
+        client = client_for(config, int(addresses["orchestrator"].rsplit(":", 1)[1]))
+        try:
+            await overhead(client, root, source, samples)
+            for width in widths:
+                before = {name: process_cpu(p.pid) for name, p in processes.items()}
+                rate = await throughput([client], str(source), total, width)
+                used = {
+                    name: (process_cpu(p.pid) - before[name]) / total * 1000
+                    for name, p in processes.items()
+                }
+                shares = ", ".join(f"{name} {ms:.0f} ms" for name, ms in used.items())
+                print(
+                    f"concurrency {width:>2}: {rate:.1f} workflows/s ({total} workflows; "
+                    f"CPU per workflow: {shares} (orchestrator with its engines); "
+                    f"load average {os.getloadavg()[0]:.2f})"
+                )
+        finally:
+            await client.aclose()
+    finally:
+        for process in processes.values():
+            process.terminate()
+            await process.wait()
+
+
 def copy_keys(keys: Path, target: Path) -> None:
     """What a deployment mounts into every replica: the same signing keys."""
     target.mkdir(parents=True)
@@ -223,19 +292,11 @@ def copy_keys(keys: Path, target: Path) -> None:
         shutil.copy(key, target / key.name)
 
 
-async def replica(
-    data: Path, keys: Path, url: str, schema: str, address: str, workspaces: Path
+async def launch(
+    overrides: dict[str, Any], schema: str, keys: Path
 ) -> tuple[asyncio.subprocess.Process, int]:
-    await asyncio.to_thread(copy_keys, keys, data / "keys")
-    overrides = {
-        "data_dir": str(data),
-        "services": ["orchestrator"],
-        "server.addr": "127.0.0.1:0",
-        "database.url": url,
-        "orchestrator.workspaces_dir": str(workspaces),
-        "orchestrator.max_running_workflows": 64,
-        "clients.addresses": {"audit": address, "preflight": address, "approval": address},
-    }
+    """A ``serve`` process with ``overrides`` and copies of ``keys``; its port."""
+    await asyncio.to_thread(copy_keys, keys, Path(overrides["data_dir"]) / "keys")
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
@@ -247,7 +308,24 @@ async def replica(
     )
     assert process.stdout is not None
     line = await asyncio.wait_for(process.stdout.readline(), 120)
+    if not line:
+        raise SystemExit(f"a service process did not start: {overrides['services']}")
     return process, int(line.split()[-1])
+
+
+async def replica(
+    data: Path, keys: Path, url: str, schema: str, address: str, workspaces: Path
+) -> tuple[asyncio.subprocess.Process, int]:
+    overrides = {
+        "data_dir": str(data),
+        "services": ["orchestrator"],
+        "server.addr": "127.0.0.1:0",
+        "database.url": url,
+        "orchestrator.workspaces_dir": str(workspaces),
+        "orchestrator.max_running_workflows": 64,
+        "clients.addresses": {"audit": address, "preflight": address, "approval": address},
+    }
+    return await launch(overrides, schema, keys)
 
 
 async def scale_out(root: Path, url: str, total: int, width: int) -> None:
@@ -308,6 +386,7 @@ async def main() -> None:
     parser.add_argument("--widths", default="1,8,32")
     parser.add_argument("--postgres", default=os.environ.get("CABINCREW_TEST_POSTGRES_URL", ""))
     parser.add_argument("--engine", choices=sorted(ENGINES), default="python")
+    parser.add_argument("--topology", choices=["embedded", "per-service", "both"], default="both")
     args = parser.parse_args()
     global NOOP, DEFINITION
     NOOP = ENGINES[args.engine]
@@ -317,7 +396,13 @@ async def main() -> None:
         root = Path(folder)
         print(f"cpus: {os.cpu_count()}; python {sys.version.split()[0]}; engine {args.engine}")
         print(f"load average at start: {os.getloadavg()[0]:.2f}")
-        await embedded(root, args.samples, args.workflows, widths)
+        source = root / "source"
+        source.mkdir()
+        (source / "README.md").write_text("bench\n")
+        if args.topology in ("embedded", "both"):
+            await embedded(root, args.samples, args.workflows, widths)
+        if args.topology in ("per-service", "both"):
+            await per_service(root, args.samples, args.workflows, widths)
         if args.postgres:
             await scale_out(root, args.postgres, args.workflows, max(widths))
         else:
