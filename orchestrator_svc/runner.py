@@ -183,11 +183,9 @@ async def run_engine(
     _check_secrets(secrets)
     masker = Masker(secrets.values())
     stdin_bytes = _stdin_document(engine_input, mode, secrets)
-    # Deleting trees and copying state artifacts is blocking I/O: keep it off the event loop.
-    await asyncio.to_thread(_reset_dir, artifacts_dir)
-    await asyncio.to_thread(_reset_dir, temp_dir)
-    if restore is not None:
-        await asyncio.to_thread(restore, artifacts_dir)
+    # Deleting trees and copying state artifacts is blocking I/O: keep it off the event loop,
+    # in one thread hop.
+    await asyncio.to_thread(_prepare_dirs, artifacts_dir, temp_dir, restore)
     env = {
         "PATH": SAFE_PATH,
         "HOME": str(temp_dir),
@@ -723,6 +721,16 @@ def _stdin_document(
             masker.text("engine input does not match the protocol: " + "; ".join(problems))
         )
     return json.dumps(document, sort_keys=True, ensure_ascii=False, allow_nan=False).encode("utf-8")
+
+
+def _prepare_dirs(
+    artifacts_dir: Path, temp_dir: Path, restore: Callable[[Path], object] | None
+) -> None:
+    """Empty both folders, then let ``restore`` fill the artifacts dir."""
+    _reset_dir(artifacts_dir)
+    _reset_dir(temp_dir)
+    if restore is not None:
+        restore(artifacts_dir)
 
 
 def _reset_dir(path: Path) -> None:

@@ -684,14 +684,15 @@ class WorkflowRunner:
             },
         )
         limits = self.settings.artifact_limits
+
+        def admit() -> tuple[tuple[Artifact, ...], dict[str, Any], tuple[StoredArtifact, ...]]:
+            # One thread hop for the three blocking stages.
+            artifacts = validate_artifacts(artifacts_dir, receipt, limits, secrets)
+            outputs = extract_outputs(receipt, artifacts_dir, artifacts, limits)
+            return artifacts, outputs, self.context.artifacts.put(artifacts_dir, artifacts)
+
         try:
-            artifacts = await asyncio.to_thread(
-                validate_artifacts, artifacts_dir, receipt, limits, secrets
-            )
-            outputs = await asyncio.to_thread(
-                extract_outputs, receipt, artifacts_dir, artifacts, limits
-            )
-            records = await asyncio.to_thread(self.context.artifacts.put, artifacts_dir, artifacts)
+            artifacts, outputs, records = await asyncio.to_thread(admit)
         except ArtifactValidationError as exc:
             raise StepFailed("invalid_artifacts", exc.message, **_engine_data(run)) from None
         except ArtifactIntegrityError as exc:
@@ -809,9 +810,10 @@ class WorkflowRunner:
 
     # preflight --------------------------------------------------------------------------
 
-    async def _review_artifacts(
-        self, records: list[StoredArtifact], artifacts: tuple[Artifact, ...]
-    ) -> list[ArtifactForReview]:
+    def _for_review(self, stored: list[StoredArtifact]) -> list[ArtifactForReview]:
+        """What preflight reads of the stored artifacts, loaded and checked again (blocking:
+        one thread hop)."""
+        artifacts = self.context.artifacts.load(stored)
         inline_left = self.settings.inline_total_bytes
         reviewed = []
         for item in artifacts:
@@ -820,11 +822,11 @@ class WorkflowRunner:
             if item.body_sha256 is not None:
                 size = item.body_size or 0
                 if size <= self.settings.inline_body_bytes and size <= inline_left:
-                    body = await asyncio.to_thread(self.context.artifacts.read, item.body_sha256)
+                    body = self.context.artifacts.read(item.body_sha256)
                     inline_left -= size
                 else:
                     body_path = str(self.context.artifacts.object_path(item.body_sha256))
-            raw = await asyncio.to_thread(self.context.artifacts.read, item.artifact_json_sha256)
+            raw = self.context.artifacts.read(item.artifact_json_sha256)
             reviewed.append(
                 ArtifactForReview(item.descriptor(), dict(item.document), body, body_path, raw)
             )
@@ -875,16 +877,14 @@ class WorkflowRunner:
                 model.STEP_STATE,
                 {"step_id": step.id, "state": State.PRE_FLIGHT_RUNNING.value},
             )
-        stored = self._stored(record)
         try:
-            artifacts = await asyncio.to_thread(self.context.artifacts.load, stored)
+            reviewed = await asyncio.to_thread(self._for_review, self._stored(record))
         except ArtifactIntegrityError as exc:
             raise StepFailed(
                 "integrity",
                 exc.message,
                 integrity_check=integrity_check(token, None, [exc.message]),
             ) from None
-        reviewed = await self._review_artifacts(stored, artifacts)
         verdict: Verdict | None = None
         for _ in range(MAX_GOVERNANCE_RETRIES):
             verdict = await self.context.governance.evaluate(
@@ -1225,16 +1225,14 @@ class WorkflowRunner:
                     )
                 await asyncio.sleep(step.retries.delay(failures))
         receipt = dict(run.receipt or {})
+        limits = self.settings.artifact_limits
+
+        def admit() -> tuple[tuple[Artifact, ...], tuple[StoredArtifact, ...]]:
+            artifacts = validate_artifacts(artifacts_dir, receipt, limits, secrets, restored)
+            return artifacts, self.context.artifacts.put(artifacts_dir, artifacts)
+
         try:
-            artifacts = await asyncio.to_thread(
-                validate_artifacts,
-                artifacts_dir,
-                receipt,
-                self.settings.artifact_limits,
-                secrets,
-                restored,
-            )
-            records = await asyncio.to_thread(self.context.artifacts.put, artifacts_dir, artifacts)
+            artifacts, records = await asyncio.to_thread(admit)
         except (ArtifactValidationError, ArtifactIntegrityError) as exc:
             raise StepFailed("invalid_artifacts", f"take-off: {exc.message}") from None
         outputs = model.thaw(record.outputs)
@@ -1292,10 +1290,9 @@ class WorkflowRunner:
             stored = [StoredArtifact.from_dict(item) for item in record.takeoff_records]
             token, _ = await self._verified_token(step, record, trust_own=True)
             try:
-                artifacts = await asyncio.to_thread(self.context.artifacts.load, stored)
+                reviewed = await asyncio.to_thread(self._for_review, stored)
             except ArtifactIntegrityError as exc:
                 raise StepFailed("integrity", exc.message) from None
-            reviewed = await self._review_artifacts(stored, artifacts)
             verdict = await self.context.governance.evaluate(
                 self._evaluation(
                     step, "take-off", record.takeoff_receipt or {}, reviewed, token, "post"
