@@ -198,7 +198,11 @@ class AuditTrail:
 
 
 class Journal:
-    """The in-memory record of one workflow this process owns, and its writer."""
+    """The in-memory record of one workflow this process owns, and its writer.
+
+    ``record`` is the runner's view: every transition so far, deferred ones included.
+    ``published`` is what the log holds, and what readers and watchers are shown.
+    """
 
     def __init__(
         self,
@@ -212,6 +216,7 @@ class Journal:
         unsafe_crash_after_state: State | None = None,
     ) -> None:
         self.record = record
+        self.published = record
         self._log = log_port
         self._trail = trail
         self._owner = owner
@@ -219,6 +224,8 @@ class Journal:
         self._clock = clock
         self._lock = asyncio.Lock()
         self._unsafe_crash_after = unsafe_crash_after_state
+        # Deferred transitions, each with the record after it, in log order.
+        self._deferred: list[tuple[Entry, WorkflowRecord]] = []
 
     @property
     def workflow_id(self) -> str:
@@ -231,11 +238,20 @@ class Journal:
         data: Mapping[str, Any],
         *,
         durable: bool = False,
+        defer: bool = False,
         plan_token: tuple[str, Mapping[str, Any]] | None = None,
         release: bool = False,
         clear_command: bool = False,
     ) -> Entry:
-        """Log one transition, then audit it and tell watchers; returns the stored entry."""
+        """Log one transition, then audit it and tell watchers; returns the entry.
+
+        With ``defer`` the transition only moves ``record``: it is logged, audited and shown
+        with the next transition that is not deferred (or ``flush``), in one append. Only
+        transitions that no side effect depends on may wait, because a crash forgets them
+        and the runner redoes the work from the last logged state.
+        """
+        if defer and (durable or plan_token or release or clear_command):
+            raise ValueError("only a plain transition can be deferred")
         async with self._lock:
             record = self.record
             stamp = max(self._clock(), record.updated_us)
@@ -243,52 +259,98 @@ class Journal:
                 record.workflow_id, record.position + 1, stamp, entry_type, dict(data)
             )
             updated = apply(record, candidate)
-            step_id = candidate.step_id
-            if entry_type in ("workflow_completed", "workflow_failed", "workflow_cancelled"):
-                changed_steps: list[str] | None = None
-            else:
-                changed_steps = [step_id] if step_id else []
-            # Entries without a state of their own (workspace_created) count as the workflow's.
-            crash = self._unsafe_crash_after is not None and (
-                (candidate.state or updated.state) is self._unsafe_crash_after
+            if defer:
+                self.record = updated
+                self._deferred.append((candidate, updated))
+                return candidate
+            pending = [*self._deferred, (candidate, updated)]
+            stored, cancelled = await self._append(
+                pending, durable, plan_token, release, clear_command
             )
-            append = asyncio.ensure_future(
-                self._log.append(
-                    record.workflow_id,
-                    self._owner,
-                    record.position,
-                    [NewEntry(entry_type, candidate.data, stamp)],
-                    materialise(updated, changed_steps),
-                    durable=durable or crash,
-                    now_us=stamp,
-                    plan_token=(step_id, plan_token[0], plan_token[1]) if plan_token else None,
-                    audited_position=self._trail.audited(record.workflow_id),
-                    release=release,
-                    clear_command=clear_command,
-                )
-            )
-            # A cancelled caller must not leave the memory behind the database: the append
-            # runs to its end, the record follows it, and only then does cancellation win.
-            cancelled = False
-            while not append.done():
-                try:
-                    await asyncio.shield(append)
-                except asyncio.CancelledError:
-                    cancelled = True
-                except Exception:
-                    break
-            stored = append.result()
-            if crash:
-                _unsafe_crash(stored[0])
-            self.record = updated
-            entry = stored[0]
-            # A durable entry marks a step that matters (take-off, a failure, the end): its
-            # events do not wait for company.
-            self._trail.submit(entry, updated.state.value, now=durable)
         self._on_change(updated)
         if cancelled:
             raise asyncio.CancelledError()
-        return entry
+        return stored[-1]
+
+    async def flush(self) -> None:
+        """Log the deferred transitions now (before the runner waits on something)."""
+        async with self._lock:
+            if not self._deferred:
+                return
+            updated = self._deferred[-1][1]
+            _, cancelled = await self._append(list(self._deferred), False, None, False, False)
+        self._on_change(updated)
+        if cancelled:
+            raise asyncio.CancelledError()
+
+    async def _append(
+        self,
+        pending: list[tuple[Entry, WorkflowRecord]],
+        durable: bool,
+        plan_token: tuple[str, Mapping[str, Any]] | None,
+        release: bool,
+        clear_command: bool,
+    ) -> tuple[list[Entry], bool]:
+        """Append ``pending`` in one transaction; the stored entries and whether the caller
+        was cancelled meanwhile (the append itself always runs to its end)."""
+        updated = pending[-1][1]
+        changed: set[str] | None = set()
+        for entry, _ in pending:
+            if entry.entry_type in ("workflow_completed", "workflow_failed", "workflow_cancelled"):
+                changed = None
+            elif changed is not None and entry.step_id:
+                changed.add(entry.step_id)
+        # Entries without a state of their own (workspace_created) count as the workflow's.
+        crash_at = next(
+            (
+                index
+                for index, (entry, after) in enumerate(pending)
+                if self._unsafe_crash_after is not None
+                and (entry.state or after.state) is self._unsafe_crash_after
+            ),
+            None,
+        )
+        last = pending[-1][0]
+        appending = asyncio.ensure_future(  # noqa: RUF006 (awaited below, through shield)
+            self._log.append(
+                last.workflow_id,
+                self._owner,
+                self.published.position,
+                [
+                    NewEntry(entry.entry_type, entry.data, entry.timestamp_us)
+                    for entry, _ in pending
+                ],
+                materialise(updated, None if changed is None else sorted(changed)),
+                durable=durable or crash_at is not None,
+                now_us=last.timestamp_us,
+                plan_token=(last.step_id, plan_token[0], plan_token[1]) if plan_token else None,
+                audited_position=self._trail.audited(last.workflow_id),
+                release=release,
+                clear_command=clear_command,
+            )
+        )
+        # A cancelled caller must not leave the memory behind the database: the append
+        # runs to its end, the record follows it, and only then does cancellation win.
+        cancelled = False
+        while not appending.done():
+            try:
+                await asyncio.shield(appending)
+            except asyncio.CancelledError:
+                cancelled = True
+            except Exception:
+                break
+        stored = appending.result()
+        if crash_at is not None:
+            _unsafe_crash(stored[crash_at])
+        self.record = updated
+        self.published = updated
+        self._deferred.clear()
+        for index, (entry, (_, after)) in enumerate(zip(stored, pending, strict=True)):
+            # A durable entry marks a step that matters (take-off, a failure, the end): its
+            # events, and those queued before them, do not wait for company.
+            now = durable and index == len(stored) - 1
+            self._trail.submit(entry, after.state.value, now=now)
+        return stored, cancelled
 
     async def flush_audit(self) -> None:
         """The barrier before governed actions: every event so far is in the outbox."""

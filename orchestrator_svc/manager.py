@@ -670,14 +670,14 @@ class OrchestratorManager:
     def _local_row(self, workflow_id: str) -> WorkflowRow | None:
         """The row of a workflow this process runs, from its journal's record.
 
-        The journal adopts a record only after its append committed, so this is what the
+        The journal publishes a record only after its append committed, so this is what the
         database holds (summary, steps, position) without a round trip and a reparse; the
         lease fields are not tracked here. None when another process (or nobody) runs it.
         """
         local = self._running.get(workflow_id)
         if local is None:
             return None
-        record = local[0].record
+        record = local[0].journal.published
         return WorkflowRow(
             workflow_id=record.workflow_id,
             summary=record.summary_dict(),

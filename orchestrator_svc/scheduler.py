@@ -306,6 +306,8 @@ class WorkflowRunner:
         self._wake.clear()
         if any(task.done() for task in self._tasks.values()):
             return
+        # Nothing deferred waits while the runner sleeps (a finished step, for one).
+        await self.journal.flush()
         await self._wake.wait()
 
     async def _finish_from_steps(self) -> None:
@@ -364,7 +366,8 @@ class WorkflowRunner:
         data: dict[str, Any] = {"path": str(destination), "kind": kind, "hash": digest}
         if commit:
             data["commit"] = commit
-        await self.journal.write(model.WORKSPACE_CREATED, data)
+        # Logged with the first step's start: nothing depends on it alone.
+        await self.journal.write(model.WORKSPACE_CREATED, data, defer=True)
 
     # --- operator commands ----------------------------------------------------------------
 
@@ -682,6 +685,9 @@ class WorkflowRunner:
                 "duration_ms": round(run.duration_seconds * 1000, 3),
                 **_engine_data(run),
             },
+            # Logged with the plan-token: a crash before it redoes the flight-plan, which
+            # leaves nothing behind but the content-addressed copies of its artifacts.
+            defer=True,
         )
         limits = self.settings.artifact_limits
 
@@ -706,6 +712,7 @@ class WorkflowRunner:
                 "artifacts": [item.descriptor() for item in artifacts],
                 "outputs": outputs,
             },
+            defer=True,
         )
         with contextlib.suppress(OSError):
             await asyncio.to_thread(remove_tree, artifacts_dir.parent)
@@ -873,9 +880,11 @@ class WorkflowRunner:
                 integrity_check=integrity_check(token, None, problems),
             )
         if record.state is not State.PRE_FLIGHT_RUNNING:
+            # Logged with the verdict: a crash before it asks preflight again.
             await self.journal.write(
                 model.STEP_STATE,
                 {"step_id": step.id, "state": State.PRE_FLIGHT_RUNNING.value},
+                defer=True,
             )
         try:
             reviewed = await asyncio.to_thread(self._for_review, self._stored(record))
@@ -907,6 +916,7 @@ class WorkflowRunner:
             await self.journal.write(
                 model.STEP_STATE,
                 {"step_id": step.id, "state": State.PRE_FLIGHT_RUNNING.value},
+                defer=True,
             )
         else:
             raise StepFailed("governance_changing", "governance kept changing during preflight")
@@ -921,7 +931,9 @@ class WorkflowRunner:
             data["warning"] = (
                 "; ".join(verdict.warnings or verdict.violations) or "preflight warned"
             )
-        await self.journal.write(model.POLICY_EVALUATED, data)
+        # Logged with what the verdict leads to (the approval request, or the integrity
+        # check before take-off): a crash before that evaluates again.
+        await self.journal.write(model.POLICY_EVALUATED, data, defer=True)
 
     async def _after_preflight(self, step: Step, record: StepRecord) -> None:
         decision = record.decision or "deny"
@@ -1310,7 +1322,9 @@ class WorkflowRunner:
                 data["warning"] = "post-execution checks: " + (
                     "; ".join(verdict.warnings or verdict.violations) or verdict.decision
                 )
-        await self.journal.write(model.STEP_COMPLETED, data)
+        # Logged with the next transition (the end of the workflow, or another step's);
+        # a crash before it runs the post-execution checks again.
+        await self.journal.write(model.STEP_COMPLETED, data, defer=True)
 
 
 async def _together(first: Awaitable[A], second: Awaitable[B]) -> tuple[A, B]:
