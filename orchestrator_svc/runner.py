@@ -177,15 +177,14 @@ async def run_engine(
     limits = limits or RunLimits()
     secrets = dict(secrets or {})
     mode = Mode(mode)
-    workspace, artifacts_dir, temp_dir, log_path = _check_paths(
-        workspace, artifacts_dir, temp_dir, log_path
-    )
     _check_secrets(secrets)
     masker = Masker(secrets.values())
     stdin_bytes = _stdin_document(engine_input, mode, secrets)
-    # Deleting trees and copying state artifacts is blocking I/O: keep it off the event loop,
-    # in one thread hop.
-    await asyncio.to_thread(_prepare_dirs, artifacts_dir, temp_dir, restore)
+    # Checking the paths, deleting trees and copying state artifacts is blocking I/O: keep it
+    # off the event loop, in one thread hop.
+    workspace, artifacts_dir, temp_dir, log_path = await asyncio.to_thread(
+        _prepare_dirs, workspace, artifacts_dir, temp_dir, log_path, restore
+    )
     env = {
         "PATH": SAFE_PATH,
         "HOME": str(temp_dir),
@@ -724,13 +723,22 @@ def _stdin_document(
 
 
 def _prepare_dirs(
-    artifacts_dir: Path, temp_dir: Path, restore: Callable[[Path], object] | None
-) -> None:
-    """Empty both folders, then let ``restore`` fill the artifacts dir."""
+    workspace: Path,
+    artifacts_dir: Path,
+    temp_dir: Path,
+    log_path: Path,
+    restore: Callable[[Path], object] | None,
+) -> tuple[Path, Path, Path, Path]:
+    """Check the paths, empty both folders, then let ``restore`` fill the artifacts dir;
+    the resolved paths."""
+    workspace, artifacts_dir, temp_dir, log_path = _check_paths(
+        workspace, artifacts_dir, temp_dir, log_path
+    )
     _reset_dir(artifacts_dir)
     _reset_dir(temp_dir)
     if restore is not None:
         restore(artifacts_dir)
+    return workspace, artifacts_dir, temp_dir, log_path
 
 
 def _reset_dir(path: Path) -> None:
