@@ -265,7 +265,11 @@ class Journal:
                 return candidate
             pending = [*self._deferred, (candidate, updated)]
             stored, cancelled = await self._append(
-                pending, durable, plan_token, release, clear_command
+                pending,
+                durable=durable,
+                plan_token=plan_token,
+                release=release,
+                clear_command=clear_command,
             )
         self._on_change(updated)
         if cancelled:
@@ -278,7 +282,7 @@ class Journal:
             if not self._deferred:
                 return
             updated = self._deferred[-1][1]
-            _, cancelled = await self._append(list(self._deferred), False, None, False, False)
+            _, cancelled = await self._append(list(self._deferred))
         self._on_change(updated)
         if cancelled:
             raise asyncio.CancelledError()
@@ -286,10 +290,11 @@ class Journal:
     async def _append(
         self,
         pending: list[tuple[Entry, WorkflowRecord]],
-        durable: bool,
-        plan_token: tuple[str, Mapping[str, Any]] | None,
-        release: bool,
-        clear_command: bool,
+        *,
+        durable: bool = False,
+        plan_token: tuple[str, Mapping[str, Any]] | None = None,
+        release: bool = False,
+        clear_command: bool = False,
     ) -> tuple[list[Entry], bool]:
         """Append ``pending`` in one transaction; the stored entries and whether the caller
         was cancelled meanwhile (the append itself always runs to its end)."""
